@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command: sets up the environment, then lint, type check and the test suite.
+#   bash scripts/test.sh            default suite (what CI runs)
+#   bash scripts/test.sh --slow     also the slow tests
+#   bash scripts/test.sh ARGS...    extra arguments go to pytest (e.g. -k merge)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/setup.sh
+source "$root/scripts/setup.sh"
+cd "$root"
+marker=(-m "not slow")
+if [ "${1:-}" = "--slow" ]; then marker=(); shift; fi
+echo "[test] ruff"; ruff check .
+echo "[test] mypy propulsion ntk"; mypy propulsion ntk
+echo "[test] pytest"
+python -m pytest "${marker[@]}" "$@"
