@@ -1,0 +1,317 @@
+"""Inject Propulsion into a model, freeze the rest, merge, unmerge and unload.
+
+Mirrors peft's vocabulary: ``get_propulsion_model``, ``merge_and_unload``, ``unload``,
+``print_trainable_parameters``. Wrapping is in place and atomic: every check runs before the
+first module is replaced, so an error leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from propulsion.config import PropulsionConfig
+from propulsion.errors import PropulsionError, TargetError
+from propulsion.layer import ADAPTER_PARAMETER, WRAPPERS, PropulsionLayer
+
+__all__ = [
+    "adapter_state",
+    "get_propulsion_model",
+    "is_propulsion_model",
+    "merge_adapter",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "propulsion_config",
+    "propulsion_layers",
+    "trainable_parameters",
+    "unload",
+    "unmerge_adapter",
+]
+
+_STATE_ATTR = "_propulsion_state"
+
+
+@dataclass
+class _PropulsionState:
+    """Book-keeping stored on the wrapped model (a plain attribute, not in the state dict)."""
+
+    config: PropulsionConfig
+    wrapped: list[str]  # module paths that now hold a PropulsionLayer
+    saved: list[str]  # module paths trained in full (modules_to_save)
+    requires_grad_before: dict[str, bool]  # parameter name -> flag before wrapping
+
+
+def _matches_suffix(path: str, suffix: str) -> bool:
+    return path == suffix or path.endswith("." + suffix)
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in roots)
+
+
+def _wrapper_for(module: nn.Module) -> type[PropulsionLayer] | None:
+    for base, wrapper in WRAPPERS.items():
+        if isinstance(module, base):
+            return wrapper
+    return None
+
+
+def _resolve_suffixes(modules: dict[str, nn.Module], suffixes: tuple[str, ...], what: str) -> list[str]:
+    found: list[str] = []
+    for suffix in suffixes:
+        hits = [p for p in modules if _matches_suffix(p, suffix)]
+        if not hits:
+            raise TargetError(
+                f"{what} entry {suffix!r} matches no module of the model; module names end in "
+                f"e.g. {_examples(modules)}"
+            )
+        found += [h for h in hits if h not in found]
+    return found
+
+
+def _examples(modules: dict[str, nn.Module], n: int = 6) -> str:
+    tails = sorted({p.rsplit(".", 1)[-1] for p in modules if p})
+    return ", ".join(repr(t) for t in tails[:n]) + (", ..." if len(tails) > n else "")
+
+
+def _select_targets(model: nn.Module, config: PropulsionConfig) -> tuple[list[str], list[str]]:
+    """Module paths to wrap and module paths to train in full, or a TargetError."""
+    modules = dict(model.named_modules())
+    modules.pop("", None)
+    if any(isinstance(m, PropulsionLayer) for m in modules.values()) or hasattr(model, _STATE_ATTR):
+        raise TargetError(
+            "the model already holds Propulsion layers; call unload() or merge_and_unload() "
+            "before wrapping it again"
+        )
+    saved = _resolve_suffixes(modules, config.modules_to_save, "modules_to_save")
+    excluded = _resolve_suffixes(modules, config.exclude_modules, "exclude_modules")
+    attention_owned = [p for p, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
+
+    kinds: list[type[nn.Module]] = []
+    if config.include_embeddings:
+        kinds.append(nn.Embedding)
+    if config.include_layernorm:
+        kinds.append(nn.LayerNorm)
+    explicit: list[str] = []
+    targets = config.target_modules
+    if targets is None:
+        kinds.append(nn.Linear)
+    elif isinstance(targets, str):
+        pattern = re.compile(targets)
+        explicit = [p for p in modules if pattern.fullmatch(p)]
+        if not explicit:
+            raise TargetError(
+                f"target_modules regex {targets!r} matches no module path; paths look like "
+                f"{next(iter(modules), '')!r}"
+            )
+    else:
+        explicit = _resolve_suffixes(modules, targets, "target_modules")
+    for path in explicit:
+        if _wrapper_for(modules[path]) is None:
+            raise TargetError(
+                f"target {path!r} is a {type(modules[path]).__name__}; Propulsion wraps "
+                f"{', '.join(t.__name__ for t in WRAPPERS)} only"
+            )
+        if _inside(path, attention_owned):
+            raise TargetError(
+                f"target {path!r} belongs to an nn.MultiheadAttention, which reads its "
+                "projection weights directly instead of calling the module; wrapping it would "
+                "have no effect"
+            )
+    implicit = [
+        p for p, m in modules.items()
+        if isinstance(m, tuple(kinds)) and not (nn.Linear in kinds and _inside(p, attention_owned))
+    ]
+    skipped = [p for p in modules if p in attention_owned]
+    if skipped and targets is None:
+        warnings.warn(
+            f"skipping the projections inside nn.MultiheadAttention modules {skipped}: they are "
+            "not called as modules, so Propulsion cannot scale them",
+            stacklevel=3,
+        )
+    chosen = [p for p in modules if p in set(explicit) | set(implicit)]
+    chosen = [p for p in chosen if not _inside(p, saved) and not _inside(p, excluded)]
+    # A wrapper inside another wrapped module would be scaled twice: keep the outer one only.
+    chosen = [p for p in chosen if not _inside(p.rsplit(".", 1)[0], [c for c in chosen if c != p])]
+    if not chosen and not saved:
+        raise TargetError(
+            "the configuration would train nothing: no module is wrapped and modules_to_save is "
+            "empty (check target_modules, exclude_modules and modules_to_save)"
+        )
+    return chosen, saved
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, module)
+
+
+def get_propulsion_model(model: nn.Module, config: PropulsionConfig | None = None) -> nn.Module:
+    """Wrap ``model`` in place with Propulsion layers and freeze everything not trained.
+
+    Trainable afterwards: every ``propulsion_z``; the biases of wrapped layers when
+    ``config.train_bias``; every parameter of ``config.modules_to_save``.
+
+    Args:
+        model: any ``nn.Module``; modules are replaced in place.
+        config: what to wrap; ``PropulsionConfig()`` when None.
+
+    Returns:
+        The same ``model`` object, wrapped.
+
+    Raises:
+        TargetError: the targets match nothing or unsupported modules, the model is already
+            wrapped, or the configuration would train nothing. The model is left unchanged.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        >>> net = get_propulsion_model(net, PropulsionConfig(degree=3))
+        >>> trainable_parameters(net)
+        (5, 28)
+    """
+    config = config if config is not None else PropulsionConfig()
+    if not isinstance(config, PropulsionConfig):
+        raise TypeError(f"config must be a PropulsionConfig, got {type(config).__name__}")
+    chosen, saved = _select_targets(model, config)
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    wrappers = {}
+    for path in chosen:  # build every wrapper first: any error leaves the model untouched
+        base = model.get_submodule(path)
+        wrapper_type = _wrapper_for(base)
+        assert wrapper_type is not None
+        wrappers[path] = wrapper_type(base, config.degree, config.init_value)
+    for path, wrapper in wrappers.items():
+        _set_submodule(model, path, wrapper)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for wrapper in wrappers.values():
+        wrapper.propulsion_z.requires_grad_(True)
+        bias = getattr(wrapper.base_layer, "bias", None)
+        if config.train_bias and isinstance(bias, nn.Parameter):
+            bias.requires_grad_(True)
+    for path in saved:
+        for param in model.get_submodule(path).parameters():
+            param.requires_grad_(True)
+    setattr(model, _STATE_ATTR, _PropulsionState(config, chosen, saved, before))
+    return model
+
+
+def is_propulsion_model(model: nn.Module) -> bool:
+    return hasattr(model, _STATE_ATTR)
+
+
+def _state(model: nn.Module, action: str) -> _PropulsionState:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise PropulsionError(
+            f"cannot {action}: the model has no Propulsion layers (wrap it with "
+            "get_propulsion_model or load_adapter first)"
+        )
+    return state
+
+
+def propulsion_config(model: nn.Module) -> PropulsionConfig:
+    """The configuration a wrapped model was built with."""
+    return _state(model, "read the config").config
+
+
+def propulsion_layers(model: nn.Module) -> dict[str, PropulsionLayer]:
+    """Module path -> wrapper, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, PropulsionLayer)}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file holds: every z, wrapped biases when trained, and the
+    parameters of ``modules_to_save``; keyed by parameter name in the wrapped model."""
+    state = _state(model, "collect the adapter")
+    config = state.config
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in propulsion_layers(model).items():
+        out[f"{path}.{ADAPTER_PARAMETER}"] = layer.propulsion_z
+        bias = getattr(layer.base_layer, "bias", None)
+        if config.train_bias and isinstance(bias, nn.Parameter):
+            out[f"{path}.base_layer.bias"] = bias
+    for path in state.saved:
+        for name, param in model.get_submodule(path).named_parameters():
+            out[f"{path}.{name}"] = param
+    return out
+
+
+def merge_adapter(model: nn.Module) -> None:
+    """Fold ``z**k`` into every wrapped layer in place (outputs unchanged, wrappers kept)."""
+    _state(model, "merge")
+    layers = [layer for layer in propulsion_layers(model).values() if not layer.merged]
+    if not layers:
+        raise PropulsionError("every Propulsion layer is already merged")
+    for layer in layers:
+        layer._check_scale_finite("merge")
+    for layer in layers:
+        layer.merge()
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Undo :func:`merge_adapter`."""
+    _state(model, "unmerge")
+    layers = [layer for layer in propulsion_layers(model).values() if layer.merged]
+    if not layers:
+        raise PropulsionError("no Propulsion layer is merged; nothing to unmerge")
+    for layer in layers:
+        layer.unmerge()
+
+
+def _remove_wrappers(model: nn.Module, merge: bool) -> nn.Module:
+    state = _state(model, "merge and unload" if merge else "unload")
+    layers = propulsion_layers(model)
+    if merge:
+        for layer in layers.values():
+            if not layer.merged:
+                layer._check_scale_finite("merge")
+    for path, layer in layers.items():
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
+        _set_submodule(model, path, layer.base_layer)
+    for name, param in model.named_parameters():
+        param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every ``z**k`` into its base layer and return the model made of plain layers.
+
+    Outputs are identical up to the rounding of the base dtype. Requires-grad flags go back to
+    what they were before wrapping.
+    """
+    return _remove_wrappers(model, merge=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the wrappers without merging and return the untouched base model.
+
+    Parameters of ``modules_to_save`` were trained in place and keep their trained values.
+    """
+    return _remove_wrappers(model, merge=False)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (total includes the adapter's own)."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: T || all params: A || trainable%: P`` like peft."""
+    trainable, total = trainable_parameters(model)
+    pct = 100.0 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
