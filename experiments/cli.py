@@ -1,0 +1,131 @@
+"""The ``propulsion-ntk`` command.
+
+    propulsion-ntk info                         versions, devices, offline resources
+    propulsion-ntk count [--model roberta-base] parameter table for Propulsion configs
+    propulsion-ntk demo  [--steps 120]           wrap, train, save, reload, merge MiniLM
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from experiments.offline import OFFLINE_PACKAGES, OfflineResourceMissing, find_resource
+
+__all__ = ["main"]
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(_: argparse.Namespace) -> int:
+    print(f"python        {platform.python_version()} ({sys.executable})")
+    for dist in ("propulsion-ntk", "torch", "transformers", "peft", "safetensors", "numpy", "pandas"):
+        print(f"{dist:<13} {_version(dist)}")
+    print(f"cpu threads   {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            print(f"cuda:{i}        {props.name}, {props.total_memory / 2**30:.1f} GiB")
+    else:
+        print("cuda          not available")
+    status = 0
+    for key, pkg in OFFLINE_PACKAGES.items():
+        try:
+            print(f"{key:<13} {find_resource(key)}")
+        except OfflineResourceMissing as exc:
+            print(f"{key:<13} MISSING: {exc}")
+            status = 1
+    return status
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    from propulsion import PropulsionConfig, count_propulsion
+
+    model = args.model
+    if model == "minilm":
+        model = str(find_resource("minilm"))
+    presets = {
+        "z on all Linear + Embedding": PropulsionConfig(degree=args.degree, include_embeddings=True),
+        "z on all Linear": PropulsionConfig(degree=args.degree),
+        "z on query/key/value": PropulsionConfig(degree=args.degree,
+                                                 target_modules=["query", "key", "value"]),
+        "authors' preset (z + biases)": PropulsionConfig.reference(degree=args.degree),
+    }
+    if args.targets or args.include_embeddings or args.train_bias:
+        presets["yours"] = PropulsionConfig(
+            degree=args.degree, target_modules=args.targets or None,
+            include_embeddings=args.include_embeddings, train_bias=args.train_bias,
+        )
+    print(f"{args.model}, {args.num_labels} labels")
+    print(f"{'method':<30} {'modules':>8} {'z':>10} {'biases':>10} {'trainable':>12} "
+          f"{'full FT':>14} {'%':>8}")
+    for name, cfg in presets.items():
+        try:
+            row = count_propulsion(model, cfg, args.num_labels)
+        except ValueError as exc:
+            print(f"{name:<30} not applicable: {exc}")
+            continue
+        print(f"{name:<30} {row.wrapped_modules:>8,d} {row.z_parameters:>10,d} "
+              f"{row.bias_parameters:>10,d} {row.trainable:>12,d} {row.full_finetuning:>14,d} "
+              f"{row.percent:>8.4f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from experiments.demo import DemoConfig, main
+
+    main(DemoConfig(steps=args.steps, degree=args.degree, lr=args.lr, device=args.device,
+                    seed=args.seed, out=args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="propulsion-ntk", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices, offline resources").set_defaults(func=cmd_info)
+
+    from propulsion.counting import ARCHITECTURES
+
+    count = sub.add_parser("count", help="trainable-parameter table from a configuration")
+    count.add_argument("--model", default="roberta-base",
+                       help=f"one of {', '.join([*ARCHITECTURES, 'minilm'])} or a config folder")
+    count.add_argument("--num-labels", type=int, default=2)
+    count.add_argument("--degree", type=int, default=5)
+    count.add_argument("--targets", nargs="*", default=None, help="module-name suffixes to wrap")
+    count.add_argument("--include-embeddings", action="store_true")
+    count.add_argument("--train-bias", action="store_true")
+    count.set_defaults(func=cmd_count)
+
+    demo = sub.add_parser("demo", help="Propulsion on the offline MiniLM, end to end")
+    demo.add_argument("--steps", type=int, default=120)
+    demo.add_argument("--degree", type=int, default=5)
+    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="runs/demo")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, OfflineResourceMissing, RuntimeError) as exc:
+        print(f"propulsion-ntk {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,544 @@
+"""Similarity and spectral metrics for empirical NTKs.
+
+Every function takes torch tensors or numpy arrays, converts them to ``float64`` (on the
+tensor's device) and accumulates there. Scalar metrics return Python floats; spectra return
+``float64`` tensors.
+
+Kernel layouts
+--------------
+Three layouts are accepted everywhere, told apart by the number of dimensions:
+
+* **full** ``(N1, N2, C, C)``: ``K[a, b, c, c2] = <d f_c(x1_a), d f_c2(x2_b)>``.
+* **diagonal** ``(N1, N2, C)``: ``K[a, b, c]``, the ``c == c2`` entries of the full kernel only.
+* **reduced** ``(N1, N2)``: one kernel over examples (trace over outputs, one logit, sum of
+  logits, ...).
+
+The *matrix form* (:func:`as_matrix`) is defined once here and used by every metric that needs a
+matrix (centring, eigenvalues, eigenvectors):
+
+* full: ``M[a * C + c, b * C + c2] = K[a, b, c, c2]``, shape ``(N1 * C, N2 * C)``;
+* diagonal: the full kernel whose cross-output entries (``c != c2``) are zero, flattened as above.
+  Up to a permutation of rows and columns this is the block-diagonal matrix of the ``C`` separate
+  ``(N1, N2)`` kernels ``K[:, :, c]``, so its eigenvalues are those of the ``C`` per-output
+  kernels pooled together, and every metric gives the same value as on
+  ``torch.diag_embed(K)`` (the full layout);
+* reduced: ``M = K``.
+
+Metrics on ``vec(K)`` (alignment, relative error, best scale, kernel distance) work on any layout
+directly; they need both kernels in the same layout and shape. Metrics on the spectrum or on the
+centred matrix need a square symmetric matrix form: ``N1 == N2`` and
+``||M - M^T||_F <= sym_tol * ||M||_F`` (default ``sym_tol = 1e-6``, loose enough for kernels
+computed in float32). The matrix is then symmetrised, ``(M + M^T) / 2``, before use.
+
+Example:
+    >>> import torch
+    >>> from ntk import metrics
+    >>> K = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+    >>> metrics.eigenspectrum(K).tolist()
+    [3.0, 1.0]
+    >>> round(metrics.alignment(K, 3.0 * K), 12), round(metrics.relative_error(K, 2 * K), 12)
+    (1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = [
+    "alignment",
+    "as_matrix",
+    "best_scale",
+    "cka",
+    "condition_number",
+    "effective_rank",
+    "eigenspectrum",
+    "kernel_distance",
+    "kernel_layout",
+    "kernel_target_alignment",
+    "relative_error",
+    "top_k_overlap",
+]
+
+ArrayLike = torch.Tensor | np.ndarray
+
+#: Default relative tolerance on asymmetry, ``||M - M^T||_F / ||M||_F``.
+DEFAULT_SYM_TOL = 1e-6
+
+_LAYOUTS = {2: "reduced", 3: "diagonal", 4: "full"}
+
+
+# --------------------------------------------------------------------------------------------
+# Input handling (shared with ntk.predict)
+# --------------------------------------------------------------------------------------------
+
+
+def _to_float64(x: object, name: str) -> torch.Tensor:
+    """A float64 tensor (same device as a tensor input); rejects complex, empty and non-finite."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a tensor or an array, got {type(x).__name__}") from err
+    if t.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    t = t.to(torch.float64)
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{name} has {bad} non-finite entries (nan or inf) out of {t.numel()}")
+    return t
+
+
+def kernel_layout(K: ArrayLike) -> str:
+    """Name the layout of a kernel from its shape.
+
+    Args:
+        K: kernel of shape ``(N1, N2)``, ``(N1, N2, C)`` or ``(N1, N2, C, C)``.
+
+    Returns:
+        ``"reduced"``, ``"diagonal"`` or ``"full"``.
+
+    Raises:
+        ValueError: for any other number of dimensions, or a full kernel whose last two
+            dimensions differ.
+    """
+    shape = tuple(K.shape)
+    layout = _LAYOUTS.get(len(shape))
+    if layout is None:
+        raise ValueError(
+            f"a kernel must have shape (N1, N2), (N1, N2, C) or (N1, N2, C, C); got {shape}"
+        )
+    if layout == "full" and shape[2] != shape[3]:
+        raise ValueError(f"a full kernel (N1, N2, C, C) needs equal output dims; got {shape}")
+    return layout
+
+
+def _kernel(K: ArrayLike, name: str) -> torch.Tensor:
+    """Validated float64 kernel in one of the three layouts."""
+    t = _to_float64(K, name)
+    try:
+        kernel_layout(t)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    return t
+
+
+def as_matrix(K: ArrayLike) -> torch.Tensor:
+    """The matrix form of a kernel (see the module docstring), in float64.
+
+    Args:
+        K: kernel, full ``(N1, N2, C, C)``, diagonal ``(N1, N2, C)`` or reduced ``(N1, N2)``.
+
+    Returns:
+        ``(N1 * C, N2 * C)`` for full and diagonal layouts with ``M[a*C + c, b*C + c2] =
+        K[a, b, c, c2]`` (zero for ``c != c2`` in the diagonal layout); ``(N1, N2)`` for reduced.
+
+    Raises:
+        ValueError: unknown layout, empty or non-finite kernel.
+    """
+    return _matrix(_kernel(K, "K"))
+
+
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    layout = kernel_layout(t)
+    if layout == "reduced":
+        return t
+    if layout == "diagonal":
+        t = torch.diag_embed(t)  # (N1, N2, C) -> (N1, N2, C, C), zero off the diagonal
+    n1, n2, c, _ = t.shape
+    return t.permute(0, 2, 1, 3).reshape(n1 * c, n2 * c)
+
+
+def _symmetric_matrix(K: ArrayLike, name: str, sym_tol: float) -> torch.Tensor:
+    """Matrix form, checked square and symmetric to ``sym_tol``, then symmetrised."""
+    t = _kernel(K, name)
+    if t.shape[0] != t.shape[1]:
+        raise ValueError(
+            f"{name} must be square (a kernel of a set with itself), got N1={t.shape[0]} != "
+            f"N2={t.shape[1]} in shape {tuple(t.shape)}"
+        )
+    m = _matrix(t)
+    norm = torch.linalg.norm(m)
+    if norm > 0:
+        asym = float(torch.linalg.norm(m - m.T) / norm)
+        if asym > sym_tol:
+            raise ValueError(
+                f"{name} is not symmetric: relative asymmetry ||M - M^T||_F / ||M||_F = "
+                f"{asym:.3e} exceeds sym_tol={sym_tol:.1e} (M is the matrix form, "
+                "M[a*C+c, b*C+c2] = K[a, b, c, c2])"
+            )
+    return 0.5 * (m + m.T)
+
+
+def _same_shape(t1: torch.Tensor, t2: torch.Tensor, n1: str = "K1", n2: str = "K2") -> None:
+    if t1.shape != t2.shape:
+        raise ValueError(
+            f"{n1} has shape {tuple(t1.shape)} but {n2} has shape {tuple(t2.shape)}: "
+            "both kernels must have the same layout and sizes"
+        )
+    if t1.device != t2.device:
+        raise ValueError(f"{n1} is on {t1.device} but {n2} is on {t2.device}")
+
+
+def _nonzero_norm(t: torch.Tensor, name: str) -> torch.Tensor:
+    norm = torch.linalg.norm(t.reshape(-1))
+    if norm == 0:
+        raise ValueError(f"{name} is zero (Frobenius norm 0): the metric divides by its norm")
+    return norm
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> float:
+    a, b = a.reshape(-1), b.reshape(-1)
+    a = a / _nonzero_norm(a, na)
+    b = b / _nonzero_norm(b, nb)
+    return min(1.0, max(-1.0, float(a @ b)))
+
+
+# --------------------------------------------------------------------------------------------
+# Similarity between two kernels
+# --------------------------------------------------------------------------------------------
+
+
+def alignment(K1: ArrayLike, K2: ArrayLike) -> float:
+    """Cosine similarity of ``vec(K1)`` and ``vec(K2)``.
+
+    ``A(K1, K2) = <K1, K2>_F / (||K1||_F ||K2||_F)``, in ``[-1, 1]`` (``[0, 1]`` for PSD kernels);
+    invariant to positive scaling of either kernel. Any layout, the same for both.
+
+    Args:
+        K1: kernel in any layout.
+        K2: kernel of the same shape.
+
+    Returns:
+        The alignment as a float.
+
+    Raises:
+        ValueError: shape mismatch, non-finite entries, or a zero kernel.
+    """
+    t1, t2 = _kernel(K1, "K1"), _kernel(K2, "K2")
+    _same_shape(t1, t2)
+    return _cosine(t1, t2, "K1", "K2")
+
+
+def kernel_distance(K_t: ArrayLike, K_0: ArrayLike) -> float:
+    """Kernel distance ``1 - alignment(K_t, K_0)``, in ``[0, 2]``.
+
+    Used for kernel velocity along training (Fort et al. 2020): the distance between the kernels
+    of two checkpoints, invariant to their scale.
+
+    Args:
+        K_t: kernel at a later checkpoint, any layout.
+        K_0: kernel at the reference checkpoint, same shape.
+
+    Returns:
+        The distance as a float.
+
+    Raises:
+        ValueError: as :func:`alignment`.
+    """
+    t1, t0 = _kernel(K_t, "K_t"), _kernel(K_0, "K_0")
+    _same_shape(t1, t0, "K_t", "K_0")
+    return 1.0 - _cosine(t1, t0, "K_t", "K_0")
+
+
+def _centre(m: torch.Tensor) -> torch.Tensor:
+    """``H M H`` with ``H = I - 1 1^T / n``."""
+    return m - m.mean(0, keepdim=True) - m.mean(1, keepdim=True) + m.mean()
+
+
+def cka(K1: ArrayLike, K2: ArrayLike, *, sym_tol: float = DEFAULT_SYM_TOL) -> float:
+    """Centred kernel alignment (Cortes et al. 2012; Kornblith et al. 2019).
+
+    With ``M1, M2`` the ``(n, n)`` matrix forms (``n = N * C`` for full and diagonal layouts,
+    ``n = N`` for reduced) and ``H = I - 1 1^T / n``:
+    ``CKA = <H M1 H, H M2 H>_F / (||H M1 H||_F ||H M2 H||_F)``.
+    Invariant to positive scaling of either kernel and to adding a constant to every entry.
+
+    Args:
+        K1: square symmetric kernel, any layout.
+        K2: kernel of the same shape.
+        sym_tol: largest accepted relative asymmetry.
+
+    Returns:
+        CKA as a float in ``[-1, 1]`` (``[0, 1]`` for PSD kernels).
+
+    Raises:
+        ValueError: shape mismatch, non-square or non-symmetric kernels, non-finite entries, or
+            a kernel that is zero after centring (e.g. constant, or ``n = 1``).
+    """
+    t1, t2 = _kernel(K1, "K1"), _kernel(K2, "K2")
+    _same_shape(t1, t2)
+    m1 = _centre(_symmetric_matrix(t1, "K1", sym_tol))
+    m2 = _centre(_symmetric_matrix(t2, "K2", sym_tol))
+    return _cosine(m1, m2, "K1 after centring", "K2 after centring")
+
+
+def best_scale(K1: ArrayLike, K2: ArrayLike) -> float:
+    """The scalar ``c* = <K1, K2>_F / <K2, K2>_F`` that minimises ``||K1 - c K2||_F``.
+
+    Args:
+        K1: kernel in any layout.
+        K2: kernel of the same shape (the one being scaled).
+
+    Returns:
+        ``c*`` as a float.
+
+    Raises:
+        ValueError: shape mismatch, non-finite entries, or ``K2`` zero.
+    """
+    t1, t2 = _kernel(K1, "K1"), _kernel(K2, "K2")
+    _same_shape(t1, t2)
+    return _best_scale(t1, t2)
+
+
+def _best_scale(t1: torch.Tensor, t2: torch.Tensor) -> float:
+    n2 = _nonzero_norm(t2, "K2")
+    u = t2.reshape(-1) / n2
+    return float((t1.reshape(-1) @ u) / n2)
+
+
+def relative_error(K1: ArrayLike, K2: ArrayLike, *, scale_optimal: bool = False) -> float:
+    """Relative Frobenius error of ``K2`` as an approximation of ``K1``.
+
+    ``||K1 - c K2||_F / ||K1||_F`` with ``c = 1``, or ``c = c*`` (:func:`best_scale`) when
+    ``scale_optimal``. The scale-optimal error equals ``sqrt(1 - alignment(K1, K2)^2)`` and is
+    invariant to positive scaling of either kernel.
+
+    Args:
+        K1: reference kernel, any layout.
+        K2: approximating kernel of the same shape.
+        scale_optimal: use the best scalar ``c*`` instead of 1.
+
+    Returns:
+        The error as a float (``>= 0``).
+
+    Raises:
+        ValueError: shape mismatch, non-finite entries, ``K1`` zero, or (when ``scale_optimal``)
+            ``K2`` zero.
+    """
+    t1, t2 = _kernel(K1, "K1"), _kernel(K2, "K2")
+    _same_shape(t1, t2)
+    n1 = _nonzero_norm(t1, "K1")
+    c = _best_scale(t1, t2) if scale_optimal else 1.0
+    # Divide first so that huge or tiny kernels do not overflow or underflow.
+    return float(torch.linalg.norm((t1 / n1 - c * (t2 / n1)).reshape(-1)))
+
+
+def top_k_overlap(
+    K1: ArrayLike, K2: ArrayLike, k: int, *, sym_tol: float = DEFAULT_SYM_TOL
+) -> float:
+    """Overlap of the top-k eigenspaces, ``||U1^T U2||_F^2 / k``, in ``[0, 1]``.
+
+    ``U1, U2`` are ``(n, k)`` orthonormal eigenvectors of the ``k`` largest eigenvalues of the
+    matrix forms. The value is the mean squared cosine of the principal angles between the two
+    subspaces: 1 when they coincide, 0 when orthogonal. It is ill-defined when the ``k``-th and
+    ``(k+1)``-th eigenvalues of a kernel are (nearly) equal; the eigensolver then picks one basis.
+
+    Args:
+        K1: square symmetric kernel, any layout.
+        K2: kernel of the same shape.
+        k: subspace dimension, ``1 <= k <= n`` (``n = N * C`` or ``N``).
+        sym_tol: largest accepted relative asymmetry.
+
+    Returns:
+        The overlap as a float.
+
+    Raises:
+        ValueError: shape mismatch, non-square or non-symmetric kernels, non-finite entries, or
+            ``k`` out of range.
+    """
+    t1, t2 = _kernel(K1, "K1"), _kernel(K2, "K2")
+    _same_shape(t1, t2)
+    m1 = _symmetric_matrix(t1, "K1", sym_tol)
+    m2 = _symmetric_matrix(t2, "K2", sym_tol)
+    n = m1.shape[0]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer in [1, {n}] (the matrix size), got {k!r}")
+    k = int(k)
+    u1 = torch.linalg.eigh(m1).eigenvectors[:, n - k :]
+    u2 = torch.linalg.eigh(m2).eigenvectors[:, n - k :]
+    value = float(torch.linalg.norm(u1.T @ u2) ** 2 / k)
+    return min(1.0, max(0.0, value))
+
+
+# --------------------------------------------------------------------------------------------
+# Spectrum of one kernel
+# --------------------------------------------------------------------------------------------
+
+
+def eigenspectrum(K: ArrayLike, *, sym_tol: float = DEFAULT_SYM_TOL) -> torch.Tensor:
+    """Eigenvalues of the symmetric matrix form, in descending order.
+
+    Args:
+        K: square symmetric kernel, any layout.
+        sym_tol: largest accepted relative asymmetry.
+
+    Returns:
+        ``float64`` tensor of shape ``(n,)``, ``n = N * C`` (full, diagonal) or ``N`` (reduced).
+        A diagonal kernel gives the eigenvalues of its ``C`` per-output kernels pooled.
+
+    Raises:
+        ValueError: non-square or non-symmetric kernel, non-finite entries.
+    """
+    m = _symmetric_matrix(K, "K", sym_tol)
+    return torch.linalg.eigvalsh(m).flip(0)
+
+
+def effective_rank(K: ArrayLike, *, sym_tol: float = DEFAULT_SYM_TOL) -> float:
+    """Effective rank of Roy & Vetterli (2007), ``exp(H(p))``, in ``[1, n]``.
+
+    With ``sigma_i = |lambda_i|`` the singular values of the symmetric matrix form (the
+    eigenvalues, for a PSD kernel), ``p_i = sigma_i / sum_j sigma_j`` and the Shannon entropy
+    ``H(p) = -sum_i p_i log p_i`` (``0 log 0 = 0``). It equals ``r`` for a kernel with ``r``
+    equal non-zero eigenvalues and varies continuously in between.
+
+    Args:
+        K: square symmetric kernel, any layout.
+        sym_tol: largest accepted relative asymmetry.
+
+    Returns:
+        The effective rank as a float.
+
+    Raises:
+        ValueError: non-square, non-symmetric or zero kernel, non-finite entries.
+    """
+    m = _symmetric_matrix(K, "K", sym_tol)
+    _nonzero_norm(m, "K")
+    sigma = torch.linalg.eigvalsh(m).abs()
+    p = sigma / sigma.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def condition_number(
+    K: ArrayLike, *, rel_floor: float | None = None, sym_tol: float = DEFAULT_SYM_TOL
+) -> float:
+    """Condition number ``lambda_max / max(lambda_min, rel_floor * lambda_max)``.
+
+    The floor keeps the value finite for singular kernels and treats eigenvalues that are zero
+    up to round-off (including slightly negative ones) as the floor: a singular kernel gives
+    ``1 / rel_floor``. The default floor ``n * eps`` (float64 ``eps``) is the usual numerical
+    rank threshold, so any value near ``1 / (n * eps)`` means "singular".
+
+    Args:
+        K: square symmetric kernel, any layout, with a positive largest eigenvalue.
+        rel_floor: relative floor in ``(0, 1]``; default ``n * 2.2e-16``.
+        sym_tol: largest accepted relative asymmetry.
+
+    Returns:
+        The condition number as a float in ``[1, 1 / rel_floor]``.
+
+    Raises:
+        ValueError: non-square or non-symmetric kernel, non-finite entries, no positive
+            eigenvalue, or ``rel_floor`` outside ``(0, 1]``.
+    """
+    lam = eigenspectrum(K, sym_tol=sym_tol)
+    n = lam.shape[0]
+    floor_rel = n * float(np.finfo(np.float64).eps) if rel_floor is None else float(rel_floor)
+    if not 0 < floor_rel <= 1:
+        raise ValueError(f"rel_floor must be in (0, 1], got {rel_floor!r}")
+    lam_max, lam_min = float(lam[0]), float(lam[-1])
+    if lam_max <= 0:
+        raise ValueError(
+            f"K has no positive eigenvalue (largest {lam_max:.3e}): condition number undefined"
+        )
+    return lam_max / max(lam_min, floor_rel * lam_max)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel and labels
+# --------------------------------------------------------------------------------------------
+
+
+def _labels(
+    labels: object, n: int, num_classes: int | None, name: str = "labels"
+) -> tuple[torch.Tensor, int]:
+    """Validated ``(N,)`` int64 labels and the number of classes."""
+    if isinstance(labels, torch.Tensor):
+        y = labels.detach()
+    else:
+        y = torch.as_tensor(np.asarray(labels))
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise TypeError(f"{name} must be integer class indices, got dtype {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"{name} must have shape (N,), got {tuple(y.shape)}")
+    if y.shape[0] != n:
+        raise ValueError(f"{name} has length {y.shape[0]} but the kernel has N={n} examples")
+    y = y.to(torch.int64)
+    lo, hi = int(y.min()), int(y.max())
+    if num_classes is None:
+        num_classes = hi + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise TypeError(f"num_classes must be an int, got {num_classes!r}")
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"{name} must lie in [0, {num_classes - 1}] (num_classes={num_classes}); "
+            f"found values in [{lo}, {hi}]"
+        )
+    return y, num_classes
+
+
+def kernel_target_alignment(
+    K: ArrayLike, labels: ArrayLike, num_classes: int | None = None
+) -> float:
+    """Alignment of a kernel with the centred one-hot target kernel (Cristianini et al. 2002).
+
+    Targets: one-hot ``Y`` of shape ``(N, num_classes)``, centred over examples
+    (``Y - mean_a Y[a]``). Then ``KTA = alignment(M, T)`` with
+
+    * reduced layout: ``T = Y Y^T`` (``(N, N)``);
+    * full and diagonal layouts: the target vector ``vec(Y)[a * C + c] = Y[a, c]`` (the layout of
+      the matrix form, which requires ``num_classes == C``) and ``T = vec(Y) vec(Y)^T``
+      (``(N * C, N * C)``), i.e. ``KTA = vec(Y)^T M vec(Y) / (||M||_F ||vec(Y)||^2)``.
+
+    For two balanced classes the centred targets are ``+-1/2``, so the reduced value is the
+    classic ``y^T K y / (N ||K||_F)`` with ``y = +-1``. Only the targets are centred, not ``K``.
+
+    Args:
+        K: square kernel of the training set with itself, any layout.
+        labels: ``(N,)`` integer class indices in ``[0, num_classes)``.
+        num_classes: number of classes; default ``C`` for full and diagonal layouts and
+            ``max(labels) + 1`` for reduced.
+
+    Returns:
+        The alignment as a float in ``[-1, 1]``.
+
+    Raises:
+        ValueError: non-square kernel, non-finite entries, zero kernel, labels of the wrong
+            length or out of range, ``num_classes != C`` for full or diagonal layouts, or all
+            labels equal (zero centred targets).
+        TypeError: labels that are not integers.
+    """
+    t = _kernel(K, "K")
+    if t.shape[0] != t.shape[1]:
+        raise ValueError(f"K must be square (N, N, ...), got shape {tuple(t.shape)}")
+    layout = kernel_layout(t)
+    n = t.shape[0]
+    if layout != "reduced":
+        c = t.shape[2]
+        if num_classes is not None and num_classes != c:
+            raise ValueError(
+                f"num_classes={num_classes} but the {layout} kernel has C={c} outputs: the "
+                "target vector vec(Y)[a*C + c] needs one output per class"
+            )
+        num_classes = c
+    y, num_classes = _labels(labels, n, num_classes)
+    onehot = torch.nn.functional.one_hot(y, num_classes).to(torch.float64).to(t.device)
+    targets = onehot - onehot.mean(0, keepdim=True)
+    if torch.linalg.norm(targets) == 0:
+        raise ValueError("the centred targets are zero: every label is the same class")
+    m = _matrix(t)
+    if layout == "reduced":
+        target_kernel = targets @ targets.T
+        return _cosine(m, target_kernel, "K", "target kernel")
+    v = targets.reshape(-1)
+    v = v / torch.linalg.norm(v)
+    mn = m / _nonzero_norm(m, "K")
+    return min(1.0, max(-1.0, float(v @ mn @ v)))
