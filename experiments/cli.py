@@ -39,7 +39,7 @@ def cmd_info(_: argparse.Namespace) -> int:
     else:
         print("cuda          not available")
     status = 0
-    for key, pkg in OFFLINE_PACKAGES.items():
+    for key in OFFLINE_PACKAGES:
         try:
             print(f"{key:<13} {find_resource(key)}")
         except OfflineResourceMissing as exc:
@@ -49,11 +49,12 @@ def cmd_info(_: argparse.Namespace) -> int:
 
 
 def cmd_count(args: argparse.Namespace) -> int:
-    from propulsion import PropulsionConfig, count_propulsion
+    from propulsion import PropulsionConfig, TargetError, build_on_meta, count_propulsion
 
     model = args.model
     if model == "minilm":
         model = str(find_resource("minilm"))
+    build_on_meta(model, args.num_labels)  # an unknown architecture fails here, once
     presets = {
         "z on all Linear + Embedding": PropulsionConfig(degree=args.degree, include_embeddings=True),
         "z on all Linear": PropulsionConfig(degree=args.degree),
@@ -72,7 +73,7 @@ def cmd_count(args: argparse.Namespace) -> int:
     for name, cfg in presets.items():
         try:
             row = count_propulsion(model, cfg, args.num_labels)
-        except ValueError as exc:
+        except TargetError as exc:
             print(f"{name:<30} not applicable: {exc}")
             continue
         print(f"{name:<30} {row.wrapped_modules:>8,d} {row.z_parameters:>10,d} "

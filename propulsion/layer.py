@@ -21,11 +21,11 @@ from propulsion.errors import PropulsionError
 
 __all__ = [
     "ADAPTER_PARAMETER",
+    "WRAPPERS",
     "PropulsionEmbedding",
     "PropulsionLayer",
     "PropulsionLayerNorm",
     "PropulsionLinear",
-    "WRAPPERS",
 ]
 
 ADAPTER_PARAMETER = "propulsion_z"  # the one fixed name every adapter parameter carries
@@ -122,7 +122,7 @@ class PropulsionLayer(nn.Module):
             bad = int((~torch.isfinite(s)).sum())
             raise PropulsionError(f"cannot {action}: {bad} entries of z**k are not finite")
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args, **kwargs):  # type: ignore[override]
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args, **kwargs):
         # Keep z in float32/float64 when the model is cast to half precision.
         before = self.propulsion_z.detach().clone()
         result = super()._apply(fn, *args, **kwargs)

@@ -74,7 +74,8 @@ def _resolve_suffixes(modules: dict[str, nn.Module], suffixes: tuple[str, ...], 
 
 
 def _examples(modules: dict[str, nn.Module], n: int = 6) -> str:
-    tails = sorted({p.rsplit(".", 1)[-1] for p in modules if p})
+    wrappable = [p for p, m in modules.items() if _wrapper_for(m) is not None] or list(modules)
+    tails = sorted({p.rsplit(".", 1)[-1] for p in wrappable} - {str(i) for i in range(len(modules))})
     return ", ".join(repr(t) for t in tails[:n]) + (", ..." if len(tails) > n else "")
 
 

@@ -5,6 +5,7 @@ Each builder takes a seed and returns a float64 model in eval mode plus a functi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ class MLP(nn.Module):
     def __init__(self, d_in: int = 5, hidden: int = 7, n_out: int = 3, depth: int = 2):
         super().__init__()
         dims = [d_in] + [hidden] * depth
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
         self.classifier = nn.Linear(dims[-1], n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ class TinyTransformer(nn.Module):
         self.classifier = nn.Linear(d, n_out)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        n, t = input_ids.shape
+        t = input_ids.shape[1]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         h = self.embed(input_ids) + self.pos(torch.arange(t, device=input_ids.device))
