@@ -3,6 +3,7 @@
 #   bash scripts/test.sh            default suite (what CI runs)
 #   bash scripts/test.sh --slow     also the slow tests
 #   bash scripts/test.sh ARGS...    extra arguments go to pytest (e.g. -k merge)
+# pytest covers tests/, the notebooks (nbmake) and the doctests of the three packages.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/setup.sh
@@ -13,4 +14,4 @@ if [ "${1:-}" = "--slow" ]; then marker=(); shift; fi
 echo "[test] ruff"; ruff check .
 echo "[test] mypy propulsion ntk"; mypy propulsion ntk
 echo "[test] pytest"
-python -m pytest "${marker[@]}" "$@"
+python -m pytest --nbmake --doctest-modules "${marker[@]}" tests notebooks propulsion ntk experiments "$@"
