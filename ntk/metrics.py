@@ -109,9 +109,7 @@ def kernel_layout(K: ArrayLike) -> str:
     shape = tuple(K.shape)
     layout = _LAYOUTS.get(len(shape))
     if layout is None:
-        raise ValueError(
-            f"a kernel must have shape (N1, N2), (N1, N2, C) or (N1, N2, C, C); got {shape}"
-        )
+        raise ValueError(f"a kernel must have shape (N1, N2), (N1, N2, C) or (N1, N2, C, C); got {shape}")
     if layout == "full" and shape[2] != shape[3]:
         raise ValueError(f"a full kernel (N1, N2, C, C) needs equal output dims; got {shape}")
     return layout
@@ -301,7 +299,7 @@ def _best_scale(t1: torch.Tensor, t2: torch.Tensor) -> float:
     return float((t1.reshape(-1) @ u) / n2)
 
 
-def relative_error(K1: ArrayLike, K2: ArrayLike, *, scale_optimal: bool = False) -> float:
+def relative_error(K1: ArrayLike, K2: ArrayLike, scale_optimal: bool = False) -> float:
     """Relative Frobenius error of ``K2`` as an approximation of ``K1``.
 
     ``||K1 - c K2||_F / ||K1||_F`` with ``c = 1``, or ``c = c*`` (:func:`best_scale`) when
@@ -328,9 +326,7 @@ def relative_error(K1: ArrayLike, K2: ArrayLike, *, scale_optimal: bool = False)
     return float(torch.linalg.norm((t1 / n1 - c * (t2 / n1)).reshape(-1)))
 
 
-def top_k_overlap(
-    K1: ArrayLike, K2: ArrayLike, k: int, *, sym_tol: float = DEFAULT_SYM_TOL
-) -> float:
+def top_k_overlap(K1: ArrayLike, K2: ArrayLike, k: int, *, sym_tol: float = DEFAULT_SYM_TOL) -> float:
     """Overlap of the top-k eigenspaces, ``||U1^T U2||_F^2 / k``, in ``[0, 1]``.
 
     ``U1, U2`` are ``(n, k)`` orthonormal eigenvectors of the ``k`` largest eigenvalues of the
@@ -443,9 +439,7 @@ def condition_number(
         raise ValueError(f"rel_floor must be in (0, 1], got {rel_floor!r}")
     lam_max, lam_min = float(lam[0]), float(lam[-1])
     if lam_max <= 0:
-        raise ValueError(
-            f"K has no positive eigenvalue (largest {lam_max:.3e}): condition number undefined"
-        )
+        raise ValueError(f"K has no positive eigenvalue (largest {lam_max:.3e}): condition number undefined")
     return lam_max / max(lam_min, floor_rel * lam_max)
 
 
@@ -485,9 +479,7 @@ def _labels(
     return y, num_classes
 
 
-def kernel_target_alignment(
-    K: ArrayLike, labels: ArrayLike, num_classes: int | None = None
-) -> float:
+def kernel_target_alignment(K: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
     """Alignment of a kernel with the centred one-hot target kernel (Cristianini et al. 2002).
 
     Targets: one-hot ``Y`` of shape ``(N, num_classes)``, centred over examples
@@ -503,9 +495,9 @@ def kernel_target_alignment(
 
     Args:
         K: square kernel of the training set with itself, any layout.
-        labels: ``(N,)`` integer class indices in ``[0, num_classes)``.
+        y: ``(N,)`` integer class labels in ``[0, num_classes)``.
         num_classes: number of classes; default ``C`` for full and diagonal layouts and
-            ``max(labels) + 1`` for reduced.
+            ``max(y) + 1`` for reduced.
 
     Returns:
         The alignment as a float in ``[-1, 1]``.
@@ -529,8 +521,8 @@ def kernel_target_alignment(
                 "target vector vec(Y)[a*C + c] needs one output per class"
             )
         num_classes = c
-    y, num_classes = _labels(labels, n, num_classes)
-    onehot = torch.nn.functional.one_hot(y, num_classes).to(torch.float64).to(t.device)
+    labels, num_classes = _labels(y, n, num_classes)
+    onehot = torch.nn.functional.one_hot(labels, num_classes).to(torch.float64).to(t.device)
     targets = onehot - onehot.mean(0, keepdim=True)
     if torch.linalg.norm(targets) == 0:
         raise ValueError("the centred targets are zero: every label is the same class")

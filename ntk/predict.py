@@ -137,15 +137,13 @@ def _systems(
     if layout == "reduced":
         if len(y_shape) not in (1, 2) or y_shape[0] != n:
             raise ValueError(
-                f"targets have shape {y_shape}; a reduced (N, N) kernel with N={n} needs (N,) "
-                "or (N, C)"
+                f"targets have shape {y_shape}; a reduced (N, N) kernel with N={n} needs (N,) or (N, C)"
             )
     else:
         c = kt.shape[2]
         if y_shape != (n, c):
             raise ValueError(
-                f"targets have shape {y_shape}; a {layout} kernel with N={n}, C={c} needs "
-                f"({n}, {c})"
+                f"targets have shape {y_shape}; a {layout} kernel with N={n}, C={c} needs ({n}, {c})"
             )
     if layout == "reduced":
         k_train, k_test = _symmetric_matrix(kt, "K_train", sym_tol)[None], ks[None]
@@ -157,11 +155,7 @@ def _systems(
         # Same check as the matrix form, without building the (N*C, N*C) block-diagonal matrix.
         per_output = kt.permute(2, 0, 1)  # (C, N, N)
         norm = torch.linalg.norm(per_output)
-        asym = (
-            float(torch.linalg.norm(per_output - per_output.transpose(1, 2)) / norm)
-            if norm
-            else 0.0
-        )
+        asym = float(torch.linalg.norm(per_output - per_output.transpose(1, 2)) / norm) if norm else 0.0
         if asym > sym_tol:
             raise ValueError(
                 "K_train is not symmetric: relative asymmetry ||M - M^T||_F / ||M||_F = "
@@ -258,9 +252,7 @@ def kernel_regression(
     return sys.unpack(_apply(sys, u, g, sys.pack(y)), sys.n_test)
 
 
-def class_targets(
-    labels: ArrayLike, num_classes: int | None = None, kind: str = "centered"
-) -> torch.Tensor:
+def class_targets(labels: ArrayLike, num_classes: int | None = None, kind: str = "centered") -> torch.Tensor:
     """Regression targets for class labels, ``(N, num_classes)`` float64.
 
     ``kind``: ``"centered"`` one-hot minus ``1 / num_classes`` (each row sums to 0; Arora et al.
@@ -420,9 +412,7 @@ def gradient_flow(
             indefinite ``K_train``, negative or NaN ``t``, ``lr <= 0``, a loss other than MSE.
     """
     if loss != "mse":
-        raise ValueError(
-            f"loss must be 'mse' (the only loss with a closed-form flow), got {loss!r}"
-        )
+        raise ValueError(f"loss must be 'mse' (the only loss with a closed-form flow), got {loss!r}")
     eta_lr = float(lr)
     if not (math.isfinite(eta_lr) and eta_lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
@@ -432,8 +422,7 @@ def gradient_flow(
     f0t = _targets(f0_test, "f0_test")
     if f0.shape != y.shape:
         raise ValueError(
-            f"f0_train has shape {tuple(f0.shape)} but y_train has {tuple(y.shape)}: they must "
-            "match"
+            f"f0_train has shape {tuple(f0.shape)} but y_train has {tuple(y.shape)}: they must match"
         )
     sys = _systems(K_train, K_test_train, tuple(y.shape), sym_tol)
     expected_test = (sys.n_test, *y.shape[1:])
