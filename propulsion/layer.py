@@ -98,7 +98,7 @@ class PropulsionLayer(nn.Module):
         """Fold ``z**k`` into the base layer (in place); the wrapper then passes through."""
         if self.merged:
             raise PropulsionError(f"{type(self).__name__} is already merged")
-        self._check_scale_finite("merge")
+        self.check_mergeable()
         self._fold(self.scale(torch.float64))
         self.merged = True
 
@@ -116,11 +116,12 @@ class PropulsionLayer(nn.Module):
         self._fold(1.0 / s)
         self.merged = False
 
-    def _check_scale_finite(self, action: str) -> None:
+    def check_mergeable(self) -> None:
+        """Raise PropulsionError if :meth:`merge` would fail (checked before any layer merges)."""
         s = self.scale(torch.float64)
         if not bool(torch.isfinite(s).all()):
             bad = int((~torch.isfinite(s)).sum())
-            raise PropulsionError(f"cannot {action}: {bad} entries of z**k are not finite")
+            raise PropulsionError(f"cannot merge: {bad} entries of z**k are not finite")
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args, **kwargs):
         # Keep z in float32/float64 when the model is cast to half precision.
@@ -203,11 +204,15 @@ class PropulsionLayerNorm(PropulsionLayer):
             return self.base_layer.weight
         return torch.empty(0)
 
-    def _fold(self, scale: torch.Tensor) -> None:
+    def check_mergeable(self) -> None:
         if self.base_layer.weight is None:
             raise PropulsionError(
-                "cannot merge into a LayerNorm without elementwise affine parameters"
+                "cannot merge into a LayerNorm without elementwise affine parameters; keep "
+                "the wrapper (unmerged) or wrap only affine LayerNorms"
             )
+        super().check_mergeable()
+
+    def _fold(self, scale: torch.Tensor) -> None:
         _fold_into(self.base_layer.weight, scale, (-1,))
         _fold_into(self.base_layer.bias, scale, (-1,))
 

@@ -185,7 +185,10 @@ def get_propulsion_model(model: nn.Module, config: PropulsionConfig | None = Non
         base = model.get_submodule(path)
         wrapper_type = _wrapper_for(base)
         assert wrapper_type is not None
-        wrappers[path] = wrapper_type(base, config.degree, config.init_value)
+        try:
+            wrappers[path] = wrapper_type(base, config.degree, config.init_value)
+        except PropulsionError as exc:
+            raise TargetError(f"cannot wrap {path!r}: {exc}") from exc
     for path, wrapper in wrappers.items():
         _set_submodule(model, path, wrapper)
     for param in model.parameters():
@@ -249,8 +252,8 @@ def merge_adapter(model: nn.Module) -> None:
     layers = [layer for layer in propulsion_layers(model).values() if not layer.merged]
     if not layers:
         raise PropulsionError("every Propulsion layer is already merged")
-    for layer in layers:
-        layer._check_scale_finite("merge")
+    for layer in layers:  # every check before the first merge: a failure changes nothing
+        layer.check_mergeable()
     for layer in layers:
         layer.merge()
 
@@ -268,10 +271,14 @@ def unmerge_adapter(model: nn.Module) -> None:
 def _remove_wrappers(model: nn.Module, merge: bool) -> nn.Module:
     state = _state(model, "merge and unload" if merge else "unload")
     layers = propulsion_layers(model)
-    if merge:
-        for layer in layers.values():
-            if not layer.merged:
-                layer._check_scale_finite("merge")
+    for layer in layers.values():  # every check before the first change
+        if merge and not layer.merged:
+            layer.check_mergeable()
+        if not merge and layer.merged and bool((layer.scale(torch.float64) == 0).any()):
+            raise PropulsionError(
+                "cannot unload: a merged layer has z**k entries equal to 0, so its base weights "
+                "were lost at merge; reload the base model instead"
+            )
     for path, layer in layers.items():
         if merge and not layer.merged:
             layer.merge()

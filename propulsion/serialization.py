@@ -20,7 +20,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from propulsion.config import PropulsionConfig
-from propulsion.errors import AdapterFileError, AdapterMismatchError, PropulsionError
+from propulsion.errors import (
+    AdapterFileError,
+    AdapterMismatchError,
+    PropulsionConfigError,
+    PropulsionError,
+)
 from propulsion.model import (
     _state,
     adapter_state,
@@ -109,6 +114,9 @@ def _read_meta(folder: Path) -> dict[str, Any]:
             f"{config_file} has format version {meta.get('format_version')}; this toolkit reads "
             f"version {FORMAT_VERSION}"
         )
+    for key in ("config", "weights_sha256", "tensors"):
+        if key not in meta:
+            raise AdapterFileError(f"{config_file} is corrupt: the entry {key!r} is missing")
     return meta
 
 
@@ -144,7 +152,10 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike[str]) -> nn.Modu
     tensors = _read_tensors(folder, meta)
     if is_propulsion_model(base_model):
         raise PropulsionError("the model is already wrapped; load into the plain base model")
-    config = PropulsionConfig.from_dict(meta["config"])
+    try:
+        config = PropulsionConfig.from_dict(meta["config"])
+    except (PropulsionConfigError, TypeError) as exc:
+        raise AdapterFileError(f"{folder / CONFIG_NAME} holds an invalid config: {exc}") from exc
     try:
         model = get_propulsion_model(base_model, config)
     except PropulsionError as exc:
