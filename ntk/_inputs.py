@@ -23,7 +23,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,12 +38,14 @@ __all__ = [
     "check_compatible",
     "choose_mapper",
     "is_transformers_model",
+    "probe_indices",
+    "select",
     "take",
     "to_device",
     "vmap_safe",
 ]
 
-Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]  # noqa: UP007 (runtime alias)
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
 
 class InputError(ValueError):
@@ -115,6 +117,29 @@ def take(x: Inputs, start: int, stop: int) -> Inputs:
     return {k: v[start:stop] for k, v in x.items()}
 
 
+def select(x: Inputs, indices: list[int]) -> Inputs:
+    """The examples at ``indices`` (a copy)."""
+    if isinstance(x, torch.Tensor):
+        return x[indices]
+    return {k: v[indices] for k, v in x.items()}
+
+
+def probe_indices(x: Inputs, k: int) -> list[int]:
+    """Up to ``k`` distinct examples to probe the model with: the most padded one first.
+
+    With a 2-D ``attention_mask`` the example with the fewest attended positions is included,
+    so that a mask the vmap path mishandles changes the probe's outputs; then 0, 1, ...
+    """
+    n = batch_size(x)
+    first: list[int] = []
+    if isinstance(x, Mapping):
+        mask = x.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            first = [int(mask.to(torch.float64).sum(1).argmin())]
+    order = first + [i for i in range(n) if i not in first]
+    return order[: min(k, n)]
+
+
 def to_device(x: Inputs, device: torch.device) -> Inputs:
     """The input on ``device`` (tensors already there are not copied)."""
     if isinstance(x, torch.Tensor):
@@ -182,7 +207,7 @@ def _stack(trees: list[Any]) -> Any:
     if isinstance(first, Mapping):
         return {k: _stack([t[k] for t in trees]) for k in first}
     if isinstance(first, (tuple, list)):
-        return type(first)(_stack(list(parts)) for parts in zip(*trees))
+        return type(first)(_stack(list(parts)) for parts in zip(*trees, strict=True))
     raise TypeError(f"cannot stack per-example results of type {type(first).__name__}")
 
 

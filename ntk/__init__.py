@@ -1,0 +1,36 @@
+"""Empirical neural tangent kernels over any parameter subset (torch.func), with metrics and
+kernel predictors.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from ntk import empirical_ntk
+    >>> net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    >>> x = torch.randn(4, 3, dtype=torch.float64)
+    >>> empirical_ntk(net, x, output="trace").shape
+    torch.Size([4, 4])
+"""
+
+from ntk._inputs import InputError
+from ntk._memory import KernelTooLargeError, default_budget
+from ntk._params import SELECTORS, ParameterSelectionError, select_parameters
+from ntk._problem import OUTPUTS, KernelOutputError
+from ntk.empirical import METHODS, empirical_ntk
+
+# -- lead: add `from ntk import metrics, predict` exports here --------------------------------
+
+__all__ = [
+    # kernels
+    "METHODS",
+    "OUTPUTS",
+    "empirical_ntk",
+    # parameter selection
+    "SELECTORS",
+    "select_parameters",
+    # memory
+    "default_budget",
+    # errors
+    "InputError",
+    "KernelOutputError",
+    "KernelTooLargeError",
+    "ParameterSelectionError",
+]

@@ -1,0 +1,295 @@
+"""Memory: the budget, a cheap profile of the model, and the tile plan that fits the budget.
+
+Before computing anything, :func:`profile` runs the model once on a probe batch of a few
+examples and measures
+
+- ``activation``: bytes autograd saves per example (``saved_tensors_hooks``, parameters and
+  buffers excluded), the unit of every working-memory estimate;
+- ``flops``: forward flops per example (``torch.utils.flop_counter``; matmuls, convolutions,
+  attention), the unit of the cost model.
+
+:func:`plan` then searches example tile sizes (halving from the full batch or ``batch_size``)
+and parameter groups (all selected tensors together, then groups capped at halving sizes down
+to one tensor per group), estimates the peak of every candidate with the method's
+``peak_bytes`` plus the output kernel, and keeps the cheapest candidate (by the method's flop
+estimate, plus ``FLOPS_PER_BYTE`` per byte the tile pairs read and a fixed overhead per tile
+pair; small tiles turn the contractions into memory-bound skinny products) that fits. If
+none fits,
+:class:`KernelTooLargeError` states the smallest estimate and the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ntk import _jacobian, _ntk_vp
+
+__all__ = [
+    "CPU_FRACTION",
+    "CUDA_FRACTION",
+    "FALLBACK_BUDGET",
+    "KernelTooLargeError",
+    "Plan",
+    "Profile",
+    "default_budget",
+    "plan",
+    "profile",
+    "tile_pairs",
+]
+
+GiB = 2**30
+CPU_FRACTION = 0.5  # of MemAvailable: the OS, the model and the caller's data share the rest
+CUDA_FRACTION = 0.7  # of the free device memory reported by the driver
+FALLBACK_BUDGET = 4 * GiB  # when free memory cannot be read
+TILE_OVERHEAD_FLOPS = 2e8  # Python and dispatch cost of one tile pair, in flop equivalents
+FLOPS_PER_BYTE = 10.0  # machine balance: flop equivalents of one byte of memory traffic
+
+
+class KernelTooLargeError(MemoryError):
+    """Even the smallest tile of the kernel computation does not fit in the memory budget."""
+
+
+def _cpu_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def default_budget(device: torch.device) -> int:
+    """A safe share of the free memory on ``device``, in bytes.
+
+    CUDA: ``CUDA_FRACTION`` of ``torch.cuda.mem_get_info``'s free memory. CPU:
+    ``CPU_FRACTION`` of ``MemAvailable`` in ``/proc/meminfo``; ``FALLBACK_BUDGET`` (4 GiB) when
+    that cannot be read (not Linux).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(CUDA_FRACTION * free)
+    available = _cpu_available()
+    return int(CPU_FRACTION * available) if available > 0 else FALLBACK_BUDGET
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the planner knows about the model and the request.
+
+    Attributes:
+        numels: entries per selected parameter tensor, in selection order.
+        n_out: C, outputs per example (1 for ``sum_logits``).
+        activation: autograd-saved bytes per example.
+        flops: forward flops per example (at least 1).
+        model_bytes: bytes per entry of the model's outputs and gradients.
+    """
+
+    numels: dict[str, int]
+    n_out: int
+    activation: float
+    flops: float
+    model_bytes: int
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.numels.values())
+
+
+def profile(
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    n_examples: int,
+) -> tuple[torch.Tensor, float, float]:
+    """Run ``forward`` once on a probe batch; measure saved bytes and flops per example.
+
+    Args:
+        forward: ``theta -> (n, C)`` on the probe batch of ``n_examples`` examples.
+        model: the model (its parameters and buffers are not counted as activations).
+        params: the selected parameters; they are made to require grad for the probe only
+            (on fresh detached views; the model's flags are untouched).
+        n_examples: size of the probe batch.
+
+    Returns:
+        ``(outputs (n, C) detached, activation bytes per example, flops per example)``.
+    """
+    persistent = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    persistent |= {t.untyped_storage().data_ptr() for t in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+            return t
+        ptr = storage.data_ptr()
+        if ptr not in persistent:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with counter:
+            out = forward(theta)
+    n = max(1, n_examples)
+    return out.detach(), sum(seen.values()) / n, max(1.0, counter.get_total_flops() / n)
+
+
+def tile_pairs(
+    n1: int, n2: int, tile: int, symmetric: bool
+) -> list[tuple[tuple[int, int], list[tuple[int, int]]]]:
+    """The blocks to compute: ``[(column range, [row ranges])]``.
+
+    With ``symmetric`` (x2 is x1) a block is skipped when all its rows come after all its
+    columns (``row_start >= col_end``): those entries are the mirror of computed ones. Every
+    entry with ``a <= b`` is computed.
+    """
+    cols = [(s, min(s + tile, n2)) for s in range(0, n2, tile)]
+    rows = [(s, min(s + tile, n1)) for s in range(0, n1, tile)]
+    return [(c, [r for r in rows if not symmetric or r[0] < c[1]]) for c in cols]
+
+
+def _groups(numels: dict[str, int], cap: int) -> list[list[str]]:
+    """Consecutive parameter tensors packed greedily into groups of at most ``cap`` entries."""
+    groups: list[list[str]] = []
+    size = 0
+    for name, n in numels.items():
+        if groups and size + n <= cap:
+            groups[-1].append(name)
+            size += n
+        else:
+            groups.append([name])
+            size = n
+    return groups
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the kernel will be computed.
+
+    Attributes:
+        method: "jacobian" or "ntk_vp".
+        tile: examples per tile along both x1 and x2.
+        groups: parameter tensors differentiated together (the kernel sums over groups).
+        peak_bytes: the estimated peak (tile work plus the output kernel).
+        budget_bytes: the budget it was checked against.
+        flops: the estimated cost.
+    """
+
+    method: str
+    tile: int
+    groups: list[list[str]] = field(default_factory=list)
+    peak_bytes: float = 0.0
+    budget_bytes: float = 0.0
+    flops: float = 0.0
+
+
+def _estimate(
+    method: str, prof: Profile, n1: int, n2: int, symmetric: bool, layout: str,
+    per_layer: bool, acc_bytes: int, tile: int, groups: list[list[str]],
+) -> tuple[float, float]:
+    """(peak bytes, flops) of one candidate."""
+    c = prof.n_out
+    per_pair = {"full": c * c, "diagonal": c, "trace": 1}[layout]
+    layers = len(prof.numels) if per_layer else 1
+    kernel = n1 * n2 * per_pair * acc_bytes * (layers + (1 if per_layer else 0) + 1)
+    rows, cols = min(tile, n1), min(tile, n2)
+    block = rows * cols * per_pair * (layers + 1)
+    p_group = max(sum(prof.numels[k] for k in g) for g in groups)
+    pairs = tile_pairs(n1, n2, tile, symmetric)
+    entries = sum((c1 - c0) * (r1 - r0) for (c0, c1), rs in pairs for (r0, r1) in rs)
+    n_tiles = sum(len(rs) for _, rs in pairs)
+    overhead = TILE_OVERHEAD_FLOPS * n_tiles * len(groups)
+    # every tile pair reads the column tile's Jacobian or directions (and the row tile's
+    # Jacobian for "jacobian"): cols * C * P entries per side
+    sides = 2 if method == "jacobian" else 1
+    overhead += FLOPS_PER_BYTE * n_tiles * sides * cols * c * prof.n_params * prof.model_bytes
+    args = (rows, cols, c, p_group, prof.activation, prof.model_bytes, acc_bytes, block)
+    g = len(groups)
+    if method == "jacobian":
+        peak = _jacobian.peak_bytes(*args)
+        rebuilt = sum(r1 - r0 for (c0, c1), rs in pairs for (r0, r1) in rs
+                      if not (symmetric and (r0, r1) == (c0, c1)))
+        cost = _jacobian.flops(entries, c, prof.n_params, prof.flops, layout, g * (n2 + rebuilt))
+    else:
+        peak = _ntk_vp.peak_bytes(*args)
+        cost = _ntk_vp.flops(entries, c, prof.flops, g * n2, g * layers)
+    return peak + kernel, cost + overhead
+
+
+def plan(
+    method: str,
+    prof: Profile,
+    n1: int,
+    n2: int,
+    symmetric: bool,
+    layout: str,
+    per_layer: bool,
+    acc_bytes: int,
+    budget: float,
+    max_tile: int | None,
+) -> Plan:
+    """The cheapest tiling of ``method`` whose estimated peak fits ``budget``.
+
+    Args:
+        method: "jacobian" or "ntk_vp".
+        prof: the model profile.
+        n1, n2: numbers of examples (``n2 == n1`` when ``symmetric``).
+        symmetric: x2 is x1 (one triangle of blocks).
+        layout: "full", "trace" or "diagonal".
+        per_layer: one block per parameter tensor is kept.
+        acc_bytes: bytes per entry of the accumulation dtype.
+        budget: bytes.
+        max_tile: largest tile (``batch_size``); None for the whole batch.
+
+    Raises:
+        KernelTooLargeError: the smallest candidate (tile of 1, one tensor per group) does not
+            fit; the message gives its estimate and the budget in GiB and what to change.
+    """
+    largest = max(n1, n2) if max_tile is None else max(1, min(max_tile, max(n1, n2)))
+    tiles = []
+    t = largest
+    while True:
+        tiles.append(t)
+        if t == 1:
+            break
+        t = math.ceil(t / 2)
+    total = prof.n_params
+    caps = []
+    cap = total
+    biggest = max(prof.numels.values())
+    while True:
+        caps.append(max(cap, biggest))
+        if cap <= biggest:
+            break
+        cap = math.ceil(cap / 2)
+    best: Plan | None = None
+    smallest = math.inf
+    for cap in dict.fromkeys(caps):
+        groups = _groups(prof.numels, cap)
+        for tile in tiles:
+            peak, cost = _estimate(method, prof, n1, n2, symmetric, layout, per_layer,
+                                   acc_bytes, tile, groups)
+            smallest = min(smallest, peak)
+            if peak <= budget and (best is None or cost < best.flops):
+                best = Plan(method, tile, groups, peak, budget, cost)
+    if best is None:
+        raise KernelTooLargeError(
+            f"empirical_ntk: method {method!r} needs an estimated {smallest / GiB:.3g} GiB even "
+            f"with one example per tile and one parameter tensor per group, over the memory "
+            f"budget of {budget / GiB:.3g} GiB ({n1} x {n2} examples, {prof.n_out} outputs, "
+            f"{total:,} parameters in {len(prof.numels)} tensors). Select fewer parameters "
+            "(params=...), ask for output='trace' or 'sum_logits' instead of 'full', try the "
+            "other method, use fewer examples, or raise memory_budget (bytes) if the memory "
+            "is there."
+        )
+    return best

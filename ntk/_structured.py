@@ -1,0 +1,496 @@
+"""The structured engine: per-layer kernel blocks from captured inputs and back-signals.
+
+For a tile of ``n`` examples the engine runs
+
+1. one forward pass of the model with forward hooks on every module that owns a selected
+   parameter (and on the extra modules its handler asks for, e.g. a Propulsion wrapper's base
+   layer). Each hook records every call (inputs, output): a module used several times in one
+   forward contributes all its calls. Parameters are substituted by detached copies
+   (``functional_call``), so autograd never builds parameter gradients; a hooked output that
+   does not require grad is made a leaf that does, so the back-signal reaches it;
+2. one backward pass batched over the C outputs: ``torch.autograd.grad`` of ``f`` (n, C) with
+   respect to every recorded output, with cotangents ``e_c`` for all ``c`` at once
+   (``is_grads_batched=True``, a vmap over the backward). Examples do not interact (eval
+   mode), so row ``a`` of the back-signal is ``d f_c(x_a) / d output_a``. If the backward has
+   an operation without a batching rule, C separate backward passes are used instead;
+3. per handler (:mod:`ntk._handlers`), features of the tile: Gram-ready inputs and back-
+   signals, or per-example gradient vectors.
+
+Kernel blocks between two tiles are then contracted per parameter tensor. Every parameter set
+of :func:`structured_kernels` shares the captures: one forward and backward per tile serve
+all sets. With ``x2=None`` only tile pairs on and above the diagonal are contracted.
+
+A module whose output has batch size 1 while the tile has ``n > 1`` examples (e.g. position
+embeddings applied to ``arange(T)[None]`` and broadcast in an addition) is treated as applied
+to every example: its output is expanded to ``n`` inside the hook, which leaves the model's
+result unchanged when the output is broadcast against the batch, and makes the back-signal
+per-example. Modules whose inputs carry no batch dimension at all raise
+:class:`ntk._handlers.StructuredError`.
+
+Memory: a probe tile measures the bytes of features per example; tiles are sized so that two
+tiles' features and the contraction chunks fit the budget, features of all tiles are kept when
+they fit in half the budget, otherwise tiles are re-captured when needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ntk._handlers import (
+    CHUNK_ELEMENTS,
+    FALLBACK,
+    STRATEGIES,
+    Call,
+    Handler,
+    StructuredError,
+    _batched_vjp,
+    handler_for,
+)
+from ntk._inputs import Inputs, batch_size, call_model, check_compatible, take, to_device
+from ntk._memory import KernelTooLargeError, default_budget, tile_pairs
+from ntk._params import ParamSelector, select_parameters
+from ntk._problem import (
+    OUTPUTS,
+    KernelOutputError,
+    check_output,
+    default_output_fn,
+    layout_of,
+    transpose_block,
+)
+
+__all__ = ["Assignment", "assign", "capture", "structured_kernels"]
+
+GiB = 2**30
+PROBE_EXAMPLES = 4
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Some selected parameters of one module and the handler that computes their blocks.
+
+    Attributes:
+        module: the owning module.
+        handler: its handler (the fallback for parameters no handler covers).
+        names: local parameter names (``module.named_parameters(recurse=False)``).
+        full: local name -> the selected parameter's name in the model.
+    """
+
+    module: nn.Module
+    handler: Handler
+    names: tuple[str, ...]
+    full: Mapping[str, str]
+
+
+def assign(model: nn.Module, selected: list[str]) -> list[Assignment]:
+    """Attribute every selected parameter to exactly one (module, handler).
+
+    Raises:
+        StructuredError: a selected parameter is owned by several modules (tied weights used
+            by different layers, whose cross terms no per-layer handler sees) or by none.
+    """
+    named = dict(model.named_parameters())
+    wanted = {id(named[n]): n for n in selected}
+    owners: dict[str, list[tuple[nn.Module, str, str]]] = {n: [] for n in selected}
+    for mname, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            if id(p) in wanted:
+                owners[wanted[id(p)]].append((module, mname, local))
+    bad = {n: [f"{m}.{loc}" if m else loc for _, m, loc in o] for n, o in owners.items()
+           if len(o) != 1}
+    if bad:
+        raise StructuredError(
+            "the structured engine needs every selected parameter owned by exactly one module; "
+            + "; ".join(f"{n!r} is owned by {o or 'no module'}" for n, o in bad.items())
+            + " (tied weights: use method='jacobian' or deselect them)"
+        )
+    per_module: dict[nn.Module, dict[str, str]] = {}
+    for name, [(module, _, local)] in owners.items():
+        per_module.setdefault(module, {})[local] = name
+    out = []
+    for module, locals_ in per_module.items():
+        handler = handler_for(module)
+        covered = set(handler.covers(module)) if handler is not None else set()
+        mine = tuple(n for n in locals_ if n in covered)
+        rest = tuple(n for n in locals_ if n not in covered)
+        if mine and handler is not None:
+            out.append(Assignment(module, handler, mine, {n: locals_[n] for n in mine}))
+        if rest:
+            out.append(Assignment(module, FALLBACK, rest, {n: locals_[n] for n in rest}))
+    counts: dict[str, int] = {}
+    for a in out:
+        for n in a.full.values():
+            counts[n] = counts.get(n, 0) + 1
+    if set(counts) != set(selected) or any(v != 1 for v in counts.values()):
+        raise StructuredError(f"internal: parameters not covered exactly once: {counts}")
+    return out
+
+
+def capture(
+    model: nn.Module,
+    assignments: list[Assignment],
+    x: Inputs,
+    n: int,
+    output_fn: Callable[[Any], torch.Tensor],
+    sum_logits: bool,
+    modes: Mapping[nn.Module, str] | None = None,
+) -> tuple[dict[nn.Module, list[Call]], torch.Tensor]:
+    """One forward with hooks and one backward batched over outputs; see the module docstring.
+
+    Returns:
+        ``(calls, f)``: hooked module -> its calls in forward order, each with ``grad``
+        (C, *output.shape) when its handler needs back-signals; ``f`` the detached outputs
+        (n, C) (C = 1 for ``sum_logits``).
+
+    ``modes`` gives, for modules whose calls carry no batch dimension (found by
+    :func:`unbatched_modules`), how their output is broadcast to the ``n`` examples:
+    ``"expand"`` (a leading dimension of 1 becomes n, else as prepend) or ``"prepend"`` (a new
+    leading dimension n).
+    """
+    modes = modes or {}
+    need: dict[nn.Module, bool] = {}
+    for a in assignments:
+        for m, wants_grad in a.handler.hooks(a.module):
+            need[m] = need.get(m, False) or wants_grad
+    calls: dict[nn.Module, list[Call]] = {m: [] for m in need}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor):
+            if need[module]:
+                raise StructuredError(
+                    f"{type(module).__name__} returns {type(output).__name__}; the structured "
+                    "engine needs a tensor output of every layer it differentiates"
+                )
+            return None
+        out = output
+        if need[module] and out.is_floating_point() and not out.requires_grad:
+            out = out.detach().requires_grad_(True)
+        mode = modes.get(module, "")
+        out = _broadcast(out, n, mode)
+        calls[module].append(Call(args, kwargs, out, mode=mode))
+        return out if out is not output else None
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in need]
+    try:
+        theta = {k: v.detach() for k, v in model.named_parameters()}
+        with torch.enable_grad():
+            f = output_fn(call_model(model, theta, x))
+            check_output(f, n)
+            if not bool(torch.isfinite(f).all()):
+                raise KernelOutputError("the model outputs are not finite (NaN or inf)")
+            if sum_logits:
+                f = f.sum(-1, keepdim=True)
+            targets = [c for m, cs in calls.items() if need[m] for c in cs]
+            n_out = f.shape[1]
+            cot = torch.eye(n_out, dtype=f.dtype, device=f.device)[:, None, :].expand(
+                n_out, n, n_out)
+            if f.requires_grad and targets:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    grads = _batched_vjp(f, [c.output for c in targets], cot)
+            else:
+                grads = [torch.zeros(n_out, *c.output.shape, dtype=c.output.dtype,
+                                     device=c.output.device) for c in targets]
+        for call, grad in zip(targets, grads, strict=True):
+            call.grad = grad.detach()
+        for cs in calls.values():
+            for c in cs:
+                c.args = tuple(_detach(v) for v in c.args)
+                c.kwargs = {k: _detach(v) for k, v in c.kwargs.items()}
+                c.output = c.output.detach()
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, f.detach()
+
+
+def _detach(v: Any) -> Any:
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+def _broadcast(out: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    """An unbatched output broadcast to n examples: ``"expand"`` turns a leading 1 into n
+    (otherwise as ``"prepend"``), ``"prepend"`` adds a leading n; ``""`` leaves it."""
+    if mode == "prepend" or (mode == "expand" and (out.ndim == 0 or out.shape[0] != 1)):
+        return out.expand(n, *out.shape)
+    if mode == "expand":
+        return out.expand(n, *out.shape[1:])
+    return out
+
+
+def _hooked(assignments: list[Assignment]) -> list[nn.Module]:
+    return list(dict.fromkeys(m for a in assignments for m, _ in a.handler.hooks(a.module)))
+
+
+def _repeat_first(x: Inputs, n: int) -> Inputs:
+    idx = [0] * n
+    if isinstance(x, torch.Tensor):
+        return x[idx]
+    return {k: v[idx] for k, v in x.items()}
+
+
+def unbatched_modules(model: nn.Module, modules: list[nn.Module], x: Inputs,
+                      rule: str) -> list[nn.Module]:
+    """Hooked modules whose output's dimension 0 does not follow the batch size.
+
+    Runs the model (no grad) on the first example repeated 2 and 3 times; a module is
+    unbatched when some call's output has dimension 0 different from the batch size. Such an
+    output is broadcast by ``rule`` (:func:`_broadcast`) before the forward continues, as in
+    :func:`capture`, so a wrapper around an unbatched layer is seen batched.
+    """
+    bad: set[nn.Module] = set()
+    size = [0]
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, torch.Tensor) and (output.ndim == 0 or output.shape[0] != size[0]
+                                                 or module in bad):
+            bad.add(module)
+            return _broadcast(output, size[0], rule)
+        return None
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            for n in (2, 3):
+                size[0] = n
+                call_model(model, {}, _repeat_first(x, n))
+    finally:
+        for h in handles:
+            h.remove()
+    return [m for m in modules if m in bad]
+
+
+@contextlib.contextmanager
+def _kernel_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and TF32 off while computing; the caller's settings restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    model.eval()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _choose_modes(
+    model: nn.Module, assignments: list[Assignment], x: Inputs, n: int,
+    fn: Callable[[Any], torch.Tensor], sum_logits: bool,
+) -> tuple[dict[nn.Module, str], dict[nn.Module, list[Call]], int]:
+    """How unbatched hooked modules broadcast: the first rule whose hooked forward on the probe
+    examples reproduces the plain forward ("expand", then "prepend").
+
+    Returns:
+        ``(modes, calls, C)``: the modes, the probe's captured calls under them, the number
+        of outputs.
+
+    Raises:
+        StructuredError: neither rule reproduces the model's outputs.
+    """
+    with torch.no_grad():
+        plain = fn(call_model(model, {}, x))
+        if sum_logits:
+            plain = plain.sum(-1, keepdim=True)
+    errors = []
+    names: list[str] = []
+    for rule in ("expand", "prepend"):
+        try:
+            unbatched = unbatched_modules(model, _hooked(assignments), x, rule)
+            names = [type(m).__name__ for m in unbatched]
+            modes = {m: rule for m in unbatched}
+            calls, f = capture(model, assignments, x, n, fn, sum_logits, modes)
+        except (RuntimeError, StructuredError) as err:
+            errors.append(f"{rule or 'batched'}: {type(err).__name__}: {str(err)[:200]}")
+            continue
+        scale = max(float(plain.abs().max()), 1e-30)
+        if f.shape == plain.shape and float((f - plain).abs().max()) <= 1e-6 * scale:
+            return modes, calls, int(f.shape[1])
+        errors.append(f"{rule or 'batched'}: outputs differ from the plain forward")
+    raise StructuredError(
+        "the structured engine could not reproduce the model's outputs with its hooks "
+        f"(modules without a batch dimension: {names}; {'; '.join(errors)}); use "
+        "method='jacobian' for this model"
+    )
+
+
+@torch.no_grad()
+def _contract(a: Assignment, fr: Any, fc: Any, layout: str, strategy: str,
+              results: dict[str, dict[str, torch.Tensor]], membership: dict[str, list[str]],
+              per_layer: bool, symmetric: bool, rows: tuple[int, int],
+              cols: tuple[int, int]) -> None:
+    """Add one assignment's blocks between a row tile and a column tile to every set."""
+    if fr is None or fc is None:  # the module was not called: zero blocks
+        return
+    (r0, r1), (c0, c1) = rows, cols
+    for local, block in a.handler.blocks(a.module, fr, fc, a.names, layout, strategy).items():
+        name = a.full[local]
+        for s in membership[name]:
+            dest = results[s][name if per_layer else "total"]
+            dest[r0:r1, c0:c1] += block
+            if symmetric and rows != cols:
+                dest[c0:c1, r0:r1] += transpose_block(block, layout)
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(_nbytes(v) for v in vars(obj).values())
+    return 0
+
+
+def structured_kernels(
+    model: nn.Module,
+    x1: Inputs,
+    x2: Inputs | None,
+    params: Mapping[str, ParamSelector],
+    *,
+    output: str = "full",
+    per_layer: bool = False,
+    dtype: torch.dtype = torch.float64,
+    batch_size_: int | None = None,
+    memory_budget: float | None = None,
+    strategy: str = "auto",
+    progress: bool = False,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """Kernels of several parameter sets from one capture per tile (see :func:`ntk.kernels`)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output {output!r}; use one of {OUTPUTS}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
+    if not params:
+        raise ValueError("params must name at least one parameter set, e.g. {'full': 'all'}")
+    if batch_size_ is not None and batch_size_ < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size_}")
+    n1 = batch_size(x1, "x1")
+    symmetric = x2 is None
+    if x2 is not None:
+        n2 = batch_size(x2, "x2")
+        check_compatible(x1, x2)
+    else:
+        n2 = n1
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    sets = {k: list(select_parameters(model, sel)) for k, sel in params.items()}
+    union_set = {n for names in sets.values() for n in names}
+    selected = [n for n, _ in model.named_parameters() if n in union_set]
+    assignments = assign(model, selected)
+    layout = layout_of(output)
+    sum_logits = output == "sum_logits"
+    fn = output_fn or default_output_fn
+    budget = float(memory_budget) if memory_budget is not None else float(default_budget(device))
+    inputs = {1: to_device(x1, device)}
+    if x2 is not None:
+        inputs[2] = to_device(x2, device)
+
+    modes: dict[nn.Module, str] = {}
+
+    def prepare(calls: dict[nn.Module, list[Call]], n: int) -> list[Any]:
+        with torch.no_grad():
+            return [a.handler.prepare(a.module, calls, n, a.names, dtype) for a in assignments]
+
+    def features(which: int, start: int, stop: int) -> list[Any]:
+        calls, _ = capture(model, assignments, take(inputs[which], start, stop), stop - start,
+                           fn, sum_logits, modes)
+        return prepare(calls, stop - start)
+
+    with _kernel_mode(model):
+        probe_n = min(PROBE_EXAMPLES, n1)
+        found, probe_calls, n_out = _choose_modes(model, assignments, take(inputs[1], 0, probe_n),
+                                                  probe_n, fn, sum_logits)
+        modes.update(found)
+        # Per example of a tile: its features, about as much again for the capture's graph,
+        # and the transient per-example gradients of the largest materialised Linear weight.
+        features_pe = max(1, _nbytes(prepare(probe_calls, probe_n))) / probe_n
+        del probe_calls
+        acc_bytes = torch.empty((), dtype=dtype).element_size()
+        linear = [a.module.weight.numel() for a in assignments
+                  if isinstance(a.module, nn.Linear) and "weight" in a.names]
+        per_example = 2 * features_pe + n_out * max(linear, default=0) * acc_bytes
+        q = {"full": n_out * n_out, "diagonal": n_out, "trace": 1}[layout]
+        acc = torch.empty((), dtype=dtype).element_size()
+        n_blocks = sum(len(v) for v in sets.values()) if per_layer else len(sets)
+        kernel_bytes = n1 * n2 * q * acc * (n_blocks + 1)
+        work = CHUNK_ELEMENTS * acc * 3
+        room = budget - kernel_bytes - work
+        if room < 2 * per_example:
+            raise KernelTooLargeError(
+                f"structured kernels: even one example per tile needs about "
+                f"{(kernel_bytes + work + 2 * per_example) / GiB:.3g} GiB (kernel "
+                f"{kernel_bytes / GiB:.3g} GiB, captures {per_example / GiB:.3g} GiB per example,"
+                f" contraction chunks {work / GiB:.3g} GiB), over the memory budget of "
+                f"{budget / GiB:.3g} GiB. Select fewer parameters, ask for output='trace', use "
+                "fewer examples, or raise memory_budget."
+            )
+        tile = max(1, min(max(n1, n2), int(room // (4 * per_example))))  # half the room
+        if batch_size_ is not None:
+            tile = min(tile, batch_size_)
+        total_tiles = -(-n1 // tile) + (0 if symmetric else -(-n2 // tile))
+        keep_all = features_pe * (n1 + (0 if symmetric else n2)) <= room / 2
+        cache: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()
+        capacity = total_tiles if keep_all else 2
+
+        def get(which: int, rng: tuple[int, int]) -> list[Any]:
+            key = (which, rng[0])
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+            while len(cache) >= capacity:
+                cache.popitem(last=False)
+            cache[key] = features(which, *rng)
+            return cache[key]
+
+        shape = {"full": (n_out, n_out), "diagonal": (n_out,), "trace": ()}[layout]
+        results: dict[str, dict[str, torch.Tensor]] = {
+            s: {n: torch.zeros(n1, n2, *shape, dtype=dtype, device=device)
+                for n in (names if per_layer else ["total"])}
+            for s, names in sets.items()
+        }
+        membership = {n: [s for s, names in sets.items() if n in names] for n in selected}
+        pairs = [(c, r) for c, rows in tile_pairs(n1, n2, tile, symmetric) for r in rows]
+        bar = _progress(len(pairs), progress)
+        for (c0, c1), (r0, r1) in pairs:
+            frow = get(1, (r0, r1))
+            fcol = get(1 if symmetric else 2, (c0, c1))
+            for a, fr, fc in zip(assignments, frow, fcol, strict=True):
+                _contract(a, fr, fc, layout, strategy, results, membership, per_layer,
+                          symmetric, (r0, r1), (c0, c1))
+            bar.update(1)
+        bar.close()
+    out: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {}
+    for s, blocks in results.items():
+        if sum_logits:
+            blocks = {k: v[..., 0, 0] for k, v in blocks.items()}
+        out[s] = blocks if per_layer else blocks["total"]
+    return out
+
+
+class _NoBar:
+    def update(self, _: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="structured kernels", unit="tile pair")

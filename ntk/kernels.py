@@ -1,0 +1,128 @@
+"""Fast empirical NTKs: several parameter sets from one structured capture.
+
+:func:`kernels` returns the kernels of several parameter sets (full fine-tuning, Propulsion,
+LoRA, ...) from the same forward and backward passes, so comparing methods pays for the
+backward once. :func:`structured_ntk` is the one-set form with ``empirical_ntk``'s semantics.
+Both use the structured engine (:mod:`ntk._structured`, handlers in :mod:`ntk._handlers`):
+
+    K[a, b, c, c'] = sum over parameter tensors i of  <d f_c(x1_a)/d theta_i, d f_c'(x2_b)/d theta_i>
+
+with each per-tensor block computed from the layer's captured inputs and back-signals
+(``shared/science.md`` section 3), never from a Jacobian of the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ntk._inputs import Inputs
+from ntk._params import ParamSelector
+from ntk._structured import structured_kernels
+
+__all__ = ["kernels", "structured_ntk"]
+
+
+def kernels(
+    model: nn.Module,
+    x1: Inputs,
+    x2: Inputs | None = None,
+    *,
+    params: Mapping[str, ParamSelector],
+    output: str = "full",
+    per_layer: bool = False,
+    dtype: torch.dtype = torch.float64,
+    batch_size: int | None = None,
+    memory_budget: float | None = None,
+    strategy: str = "auto",
+    progress: bool = False,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """Empirical NTKs of several parameter sets from one capture pass per tile.
+
+    Args:
+        model: any ``nn.Module``; computed in eval mode (the caller's modes are restored).
+        x1: a tensor or a mapping of tensors (keyword inputs), batched on dim 0: N1 examples.
+        x2: same kind, N2 examples; None means x1 (symmetry: blocks above the diagonal only).
+        params: set name -> selector (``"all"``, ``"trainable"``, ``"propulsion"``, ``"lora"``,
+            ``"bias"``, a list of names or a predicate ``(name, parameter) -> bool``), e.g.
+            ``{"full": "all", "propulsion": "propulsion"}``.
+        output: ``"full"`` (N1, N2, C, C) with ``K[a, b, c, c'] = <d f_c(x1_a), d f_c'(x2_b)>``;
+            ``"trace"`` (N1, N2) the sum over c of the diagonal; ``"diagonal"`` (N1, N2, C);
+            ``"sum_logits"`` (N1, N2), the kernel of ``sum_c f_c``.
+        per_layer: return, per set, a dict parameter name -> block (they sum to the kernel).
+        dtype: accumulation dtype of features and kernels (float64 by default).
+        batch_size: largest tile of examples (default: as large as the memory budget allows).
+        memory_budget: bytes (default: a safe share of the free memory of the model's device).
+        strategy: for ``nn.Linear`` weights: ``"ghost"`` (Gram matrices over tokens),
+            ``"materialise"`` (per-example gradients) or ``"auto"``, which picks per layer and
+            tile pair the cheaper by :func:`ntk._handlers.linear_costs`:
+            ghost ``n1 n2 T1 T2 (d_in + q d_out + q)`` against materialise
+            ``C (n1 T1 + n2 T2) d_in d_out + q n1 n2 d_in d_out`` flops, q = C^2 for ``full``
+            and C otherwise.
+        progress: show a progress bar over tile pairs.
+        output_fn: maps the model output to (N, C) (default ``.logits`` or the output).
+
+    Returns:
+        set name -> kernel in the layout of ``output``, or (``per_layer``) set name ->
+        {parameter name -> block}.
+
+    Raises:
+        ntk._params.ParameterSelectionError: a selector is unknown or selects nothing.
+        ntk._inputs.InputError: malformed or incompatible inputs.
+        ntk._problem.KernelOutputError: model outputs not (N, C) or not finite.
+        ntk._handlers.StructuredError: a selected parameter cannot be attributed to examples
+            through its layer (tied across layers, or a layer without a batch dimension).
+        ntk._memory.KernelTooLargeError: even one example per tile exceeds the budget.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x = torch.randn(5, 3)
+        >>> ks = kernels(net, x, params={"full": "all", "bias": "bias"}, output="trace")
+        >>> ks["full"].shape, ks["bias"].shape
+        (torch.Size([5, 5]), torch.Size([5, 5]))
+    """
+    return structured_kernels(
+        model, x1, x2, params, output=output, per_layer=per_layer, dtype=dtype,
+        batch_size_=batch_size, memory_budget=memory_budget, strategy=strategy,
+        progress=progress, output_fn=output_fn,
+    )
+
+
+def structured_ntk(
+    model: nn.Module,
+    x1: Inputs,
+    x2: Inputs | None = None,
+    *,
+    params: ParamSelector = "trainable",
+    output: str = "full",
+    per_layer: bool = False,
+    dtype: torch.dtype = torch.float64,
+    batch_size: int | None = None,
+    memory_budget: float | None = None,
+    progress: bool = False,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+    strategy: str = "auto",
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The empirical NTK of one parameter set by the structured engine.
+
+    Same arguments and result as ``ntk.empirical_ntk`` (without ``method``), plus ``strategy``
+    (see :func:`kernels`).
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(3, 2).double()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> k = structured_ntk(lin, x, params="all", output="full")
+        >>> torch.allclose(k[..., 0, 0], x @ x.T + 1)
+        True
+    """
+    return kernels(
+        model, x1, x2, params={"k": params}, output=output, per_layer=per_layer, dtype=dtype,
+        batch_size=batch_size, memory_budget=memory_budget, strategy=strategy,
+        progress=progress, output_fn=output_fn,
+    )["k"]
