@@ -10,19 +10,26 @@ kernel predictors.
     torch.Size([4, 4])
 """
 
+from ntk import metrics, predict
+from ntk._handlers import StructuredError, register_handler
 from ntk._inputs import InputError
 from ntk._memory import KernelTooLargeError, default_budget
 from ntk._params import SELECTORS, ParameterSelectionError, select_parameters
 from ntk._problem import OUTPUTS, KernelOutputError
 from ntk.empirical import METHODS, empirical_ntk
-
-# -- lead: add `from ntk import metrics, predict` exports here --------------------------------
+from ntk.kernels import kernels, structured_ntk
 
 __all__ = [
     # kernels
     "METHODS",
     "OUTPUTS",
     "empirical_ntk",
+    "kernels",
+    "structured_ntk",
+    "register_handler",
+    # metrics and kernel predictors (modules)
+    "metrics",
+    "predict",
     # parameter selection
     "SELECTORS",
     "select_parameters",
@@ -33,4 +40,5 @@ __all__ = [
     "KernelOutputError",
     "KernelTooLargeError",
     "ParameterSelectionError",
+    "StructuredError",
 ]

@@ -101,16 +101,23 @@ def _bad_cases():
             model, x, params=["classifier.bias", "classifier.bias"]),
          ParameterSelectionError, r"more than once"),
         ("non_finite_outputs", lambda: empirical_ntk(NaNWhereZero().double(), three, zero_last,
-                                                     params="all", batch_size=2),
+                                                     params="all", batch_size=2, method="jacobian"),
          KernelOutputError, r"not finite \(nan or inf\) for x2 examples \[3\]"),
-        ("non_finite_outputs_in_probe", lambda: empirical_ntk(NaNWhereZero().double(), zero_last),
+        ("non_finite_outputs_in_probe", lambda: empirical_ntk(NaNWhereZero().double(), zero_last,
+                                                              method="jacobian"),
          KernelOutputError, r"not finite \(nan or inf\) for x1 examples \[3\]"),
         ("unknown_output", lambda: empirical_ntk(model, x, output="logits"),
          ValueError, r"unknown output reduction 'logits'"),
         ("unknown_method", lambda: empirical_ntk(model, x, method="fast"),
          ValueError, r"unknown method 'fast'"),
-        ("output_not_2d", lambda: empirical_ntk(OneOutput().double(), three),
+        ("output_not_2d", lambda: empirical_ntk(OneOutput().double(), three, method="jacobian"),
          KernelOutputError, r"must have shape \(n, C\) .* for a batch of 2 it has shape \(2,\)"),
+        ("non_finite_outputs_structured", lambda: empirical_ntk(NaNWhereZero().double(), zero_last),
+         KernelOutputError, r"not finite \(NaN or inf\)"),
+        ("output_not_2d_structured", lambda: empirical_ntk(OneOutput().double(), three),
+         KernelOutputError, r"must have shape \(n, C\) .* it has shape \(3,\)"),
+        ("budget_too_small_structured", lambda: empirical_ntk(model, x, memory_budget=1000),
+         KernelTooLargeError, r"needs about [0-9.e+-]+ GiB .* budget of 9.31e-07 GiB"),
         ("output_not_tensor", lambda: empirical_ntk(model, x, output_fn=lambda out: (out,)),
          KernelOutputError, r"is a tuple, not a tensor"),
         ("integer_dtype", lambda: empirical_ntk(model, x, dtype=torch.int64),
@@ -119,7 +126,8 @@ def _bad_cases():
          ValueError, r"batch_size must be a positive integer"),
         ("bad_budget", lambda: empirical_ntk(model, x, memory_budget=-1),
          ValueError, r"memory_budget must be a positive"),
-        ("budget_too_small", lambda: empirical_ntk(model, x, memory_budget=1000),
+        ("budget_too_small", lambda: empirical_ntk(model, x, memory_budget=1000,
+                                                   method="jacobian"),
          KernelTooLargeError, r"needs an estimated [0-9.e+-]+ GiB .* budget of 9.31e-07 GiB"),
         ("budget_too_small_one_method", lambda: empirical_ntk(
             model, x, method="ntk_vp", memory_budget=1000),
@@ -220,16 +228,18 @@ def test_mask_mishandled_by_vmap_path_is_caught(monkeypatch):
     x["attention_mask"][:2] = 1  # the padded examples come last: the probe must find them
     x["attention_mask"][3, 1:] = 0
     with pytest.warns(RuntimeWarning, match="differ from the batched forward"):
-        k = empirical_ntk(model, x, params="all")
+        k = empirical_ntk(model, x, params="all", method="jacobian")
     names = list(select_parameters(model, "all"))
     assert_close_rel(k, reference_ntk(model, x, None, names), RTOL[F64])
 
 
 def test_progress_bar_runs(capsys):
     model, x = _mlp()
-    k = empirical_ntk(model, x, progress=True, batch_size=2)
+    k = empirical_ntk(model, x, progress=True, batch_size=2, method="jacobian")
     assert k.shape == (3, 3, 3, 3)
     assert "ntk tiles" in capsys.readouterr().err
+    empirical_ntk(model, x, progress=True, batch_size=2)
+    assert "structured kernels" in capsys.readouterr().err
 
 
 @pytest.mark.realmodel
