@@ -23,6 +23,8 @@ Invocations (from the repository root):
     .venv/bin/python benchmarks/ntk_reference.py --device cuda   # one GPU
     .venv/bin/python benchmarks/ntk_reference.py --quick         # smoke run (tiny sizes), no files
     .venv/bin/python benchmarks/ntk_reference.py --one mlp jacobian   # one measurement (JSON line)
+Methods measured: jacobian, ntk_vp, auto_reference (auto with the structured engine disabled:
+this issue's planner), auto (the public default, which now prefers the structured engine).
 
 From Python: ``main(Config(quick=True, out_dir=None))`` returns the results dictionary.
 """
@@ -51,7 +53,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DEFAULT_OUT_DIR = str(REPO / "benchmarks" / "results")
 CASES = ("mlp", "minilm")
-METHODS = ("jacobian", "ntk_vp", "auto")
+# "auto_reference": method="auto" with the structured engine disabled, i.e. this issue's planner
+# choosing between "jacobian" and "ntk_vp"; "auto": what the public API does now (it prefers
+# the structured engine of the next issue when it applies).
+METHODS = ("jacobian", "ntk_vp", "auto_reference", "auto")
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,17 @@ def measure_one(cfg: Config, case: str, method: str, kernel_path: str | None) ->
     """Time and peak memory of one ``empirical_ntk`` call (run in a fresh process)."""
     from ntk import empirical_ntk
 
+    row = method
+    if method == "auto_reference":
+        import ntk.empirical
+        from ntk import StructuredError
+
+        def no_structured(*args: Any, **kwargs: Any) -> Any:
+            raise StructuredError("disabled: this row measures the reference planner")
+
+        ntk.empirical.structured_ntk = no_structured  # type: ignore[attr-defined]
+        method = "auto"
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, x, options = (build_mlp if case == "mlp" else build_minilm)(cfg)
@@ -163,6 +179,7 @@ def measure_one(cfg: Config, case: str, method: str, kernel_path: str | None) ->
     log.addHandler(recorder)
     log.setLevel(logging.INFO)
     empirical_ntk(model, _take(x, 2), method=method, **options)  # warm-up: one-time costs
+    recorder.messages.clear()
     cuda = cfg.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -191,7 +208,7 @@ def measure_one(cfg: Config, case: str, method: str, kernel_path: str | None) ->
     assert isinstance(kernel, torch.Tensor)
     return {
         "case": case,
-        "method": method,
+        "method": row,
         "load_average_before": load_before,
         "seconds": seconds,
         "peak_gib": peak_bytes / 2**30,
@@ -288,12 +305,17 @@ def render_markdown(res: dict[str, Any]) -> str:
             continue
         plan = r.get("plan") or ""
         parts = dict(p.split("=", 1) for p in plan.replace("empirical_ntk plan: ", "").split()
-                     if "=" in p)
+                     if "=" in p) if plan.startswith("empirical_ntk plan:") else {}
         brief = (f"{parts.get('method')}, {parts.get('tile')}, {parts.get('groups')}, "
-                 f"{float(parts.get('est_peak_gib', 'nan')):.2f} GiB") if parts else ""
+                 f"{float(parts.get('est_peak_gib', 'nan')):.2f} GiB") if parts else \
+            "structured engine (ntk.kernels)"
         lines.append(f"| {r['case']} | {r['method']} | {r['seconds']:.2f} | "
                      f"{r['peak_gib']:.2f} | {brief} | {r.get('load_average_before', 0):.2f} |")
-    lines += ["", "Agreement between methods (relative Frobenius difference of the kernels):", ""]
+    lines += ["", "`auto_reference` is `method=\"auto\"` with the structured engine disabled: "
+              "this issue's planner choosing between `jacobian` and `ntk_vp` by its cost "
+              "estimate. `auto` is the public default now, which prefers the structured engine "
+              "of the next issue (`benchmarks/results/ntk_structured.md`).", ""]
+    lines += ["Agreement between methods (relative Frobenius difference of the kernels):", ""]
     for key, value in res["agreement"].items():
         lines.append(f"- {key}: {value:.2e}")
     if res.get("notes"):
@@ -327,11 +349,14 @@ def main(cfg: Config) -> dict[str, Any]:
         "over parameters in different orders (ntk_vp inside the float32 jvp).",
     ]
     cores = os.cpu_count() or 1
+    threads = cfg.threads or torch.get_num_threads()
     busy = [f"{r['case']}/{r['method']}" for r in runs
-            if (r.get("load_average_before") or 0) > 0.75 * cores]
+            if (r.get("load_average_before") or 0) > threads + 0.5 * cores]
+    notes.append(f"The load average before a row includes the previous row of this benchmark "
+                 f"(about {threads}, its threads); more than {threads + 0.5 * cores:.1f} means "
+                 "other jobs shared the cores.")
     if busy:
-        notes.append(f"The 1-minute load average exceeded {0.75 * cores:.1f} before {busy}: "
-                     "other jobs shared the cores, so those times are inflated.")
+        notes.append(f"Other jobs shared the cores before {busy}: those times are inflated.")
     res = {"provenance": provenance(cfg), "runs": runs, "agreement": agreement, "notes": notes}
     if cfg.out_dir and not cfg.quick:
         out = Path(cfg.out_dir)
