@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _rss import proc_status_kb, reset_peak_rss
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -127,24 +128,6 @@ def _take(x: Any, n: int) -> Any:
 # -- one measurement (subprocess) ----------------------------------------------------------------
 
 
-def _status_kb(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux >= 4.0)
-    except OSError:
-        return False
-    return True
-
-
 class _PlanRecorder(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
@@ -186,8 +169,8 @@ def measure_one(cfg: Config, case: str, method: str, kernel_path: str | None) ->
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    rss_before = _status_kb("VmRSS") or 0
-    reset = _reset_peak_rss()
+    rss_before = proc_status_kb("VmRSS") or 0
+    reset = reset_peak_rss()
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     kernel = empirical_ntk(model, x, method=method, **options)
@@ -197,8 +180,8 @@ def measure_one(cfg: Config, case: str, method: str, kernel_path: str | None) ->
     if cuda:
         peak_bytes = torch.cuda.max_memory_allocated() - before
         source = "torch.cuda.max_memory_allocated"
-    elif reset and _status_kb("VmHWM"):
-        peak_bytes = ((_status_kb("VmHWM") or 0) - rss_before) * 1024
+    elif reset and proc_status_kb("VmHWM"):
+        peak_bytes = ((proc_status_kb("VmHWM") or 0) - rss_before) * 1024
         source = "VmHWM after clear_refs reset"
     else:
         peak_bytes = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before) * 1024

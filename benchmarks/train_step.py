@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _rss import proc_status_kb, reset_peak_rss
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = str(REPO / "benchmarks" / "results")
@@ -318,24 +319,6 @@ def _profile(cfg: Config, fns: dict[str, Callable[[], Any]]) -> dict[str, dict[s
 # ---------------------------------------------------------------------------------------------
 # peak memory (fresh subprocess per method)
 # ---------------------------------------------------------------------------------------------
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        return False
-    return _proc_status_kb("VmHWM") is not None
-
-
 def memory_one(cfg: Config, method: str) -> dict[str, Any]:
     """Peak memory of ``warmup + memory_steps`` training steps of ``method`` in this process."""
     _setup(cfg)
@@ -347,13 +330,13 @@ def memory_one(cfg: Config, method: str) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
-    base_rss_kb = _proc_status_kb("VmRSS")
+    base_rss_kb = proc_status_kb("VmRSS")
     maxrss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reset_ok = _reset_peak_rss()
+    reset_ok = reset_peak_rss()
     for step in range(cfg.warmup + cfg.memory_steps):
         train_step(model, opt, batches[step % len(batches)], cfg.device)
     _sync(cfg.device)
-    hwm_kb = _proc_status_kb("VmHWM")
+    hwm_kb = proc_status_kb("VmHWM")
     maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                       if torch.is_tensor(t))

@@ -87,6 +87,20 @@ def batch_size(x: Inputs, name: str = "x") -> int:
     return n
 
 
+def example_counts(x1: Inputs, x2: Inputs | None) -> tuple[int, int]:
+    """``(n1, n2)`` after validating both inputs; ``x2=None`` means "same as x1" (n2 = n1).
+
+    Raises:
+        InputError: as :func:`batch_size` and :func:`check_compatible`.
+    """
+    n1 = batch_size(x1, "x1")
+    if x2 is None:
+        return n1, n1
+    n2 = batch_size(x2, "x2")
+    check_compatible(x1, x2)
+    return n1, n2
+
+
 def check_compatible(x1: Inputs, x2: Inputs) -> None:
     """Check that x1 and x2 are the same kind of input with the same per-example shapes.
 

@@ -54,7 +54,7 @@ from ntk._handlers import (
     _batched_vjp,
     handler_for,
 )
-from ntk._inputs import Inputs, batch_size, call_model, check_compatible, take, to_device
+from ntk._inputs import Inputs, call_model, example_counts, take, to_device
 from ntk._memory import KernelTooLargeError, default_budget, tile_pairs
 from ntk._params import ParamSelector, select_parameters
 from ntk._problem import (
@@ -377,13 +377,8 @@ def structured_kernels(
         raise ValueError("params must name at least one parameter set, e.g. {'full': 'all'}")
     if batch_size_ is not None and batch_size_ < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size_}")
-    n1 = batch_size(x1, "x1")
+    n1, n2 = example_counts(x1, x2)
     symmetric = x2 is None
-    if x2 is not None:
-        n2 = batch_size(x2, "x2")
-        check_compatible(x1, x2)
-    else:
-        n2 = n1
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     sets = {k: list(select_parameters(model, sel)) for k, sel in params.items()}

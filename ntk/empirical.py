@@ -16,14 +16,13 @@ from ntk._handlers import StructuredError
 from ntk._inputs import (
     Inputs,
     Mapper,
-    check_compatible,
     choose_mapper,
+    example_counts,
     probe_indices,
     select,
     take,
     to_device,
 )
-from ntk._inputs import batch_size as batch_size_of
 from ntk._memory import (
     KernelTooLargeError,
     Plan,
@@ -172,13 +171,8 @@ def empirical_ntk(
                 raise
             logger.info("empirical_ntk: structured engine not applicable (%s); planning "
                         "jacobian / ntk_vp", exc)
-    n1 = batch_size_of(x1, "x1")
+    n1, n2 = example_counts(x1, x2)
     symmetric = x2 is None
-    if x2 is not None:
-        n2 = batch_size_of(x2, "x2")
-        check_compatible(x1, x2)
-    else:
-        n2 = n1
     theta = select_parameters(model, params)
     device = next(iter(theta.values())).device
     x1 = to_device(x1, device)
