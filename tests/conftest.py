@@ -27,6 +27,18 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float) 
     assert err <= rtol * scale, f"relative error {err / scale:.3e} > {rtol:.1e}"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Split records and token caches of the whole run go to a fresh folder, not ~/.cache."""
+    saved = os.environ.get("PROPULSION_NTK_CACHE")
+    os.environ["PROPULSION_NTK_CACHE"] = str(tmp_path_factory.mktemp("propulsion-ntk-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("PROPULSION_NTK_CACHE", None)
+    else:
+        os.environ["PROPULSION_NTK_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """Folder of the offline MiniLM; fails (never skips) when the package is missing."""
