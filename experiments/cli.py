@@ -3,6 +3,10 @@
     propulsion-ntk info                         versions, devices, offline resources
     propulsion-ntk count [--model roberta-base] parameter table for Propulsion configs
     propulsion-ntk demo  [--steps 120]           wrap, train, save, reload, merge MiniLM
+    propulsion-ntk list                         experiments of the suite, their claims and presets
+    propulsion-ntk run NAME|all --preset quick  run (or resume) experiments into --out (runs/suite)
+    propulsion-ntk figures                      redraw every figure from saved results (figures/)
+    propulsion-ntk report                       claims report (Markdown + HTML) from saved results
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import importlib.metadata
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -43,8 +48,10 @@ def cmd_info(_: argparse.Namespace) -> int:
         try:
             print(f"{key:<13} {find_resource(key)}")
         except OfflineResourceMissing as exc:
-            print(f"{key:<13} MISSING: {exc}")
-            status = 1
+            optional = OFFLINE_PACKAGES[key].optional
+            print(f"{key:<13} {'optional, not installed' if optional else 'MISSING'}: {exc}")
+            if not optional:
+                status = 1
     return status
 
 
@@ -59,12 +66,12 @@ def cmd_count(args: argparse.Namespace) -> int:
         "z on all Linear + Embedding": PropulsionConfig(degree=args.degree, include_embeddings=True),
         "z on all Linear": PropulsionConfig(degree=args.degree),
         "z on query/key/value": PropulsionConfig(degree=args.degree,
-                                                 target_modules=["query", "key", "value"]),
+                                                 target_modules=("query", "key", "value")),
         "authors' preset (z + biases)": PropulsionConfig.reference(degree=args.degree),
     }
     if args.targets or args.include_embeddings or args.train_bias:
         presets["yours"] = PropulsionConfig(
-            degree=args.degree, target_modules=args.targets or None,
+            degree=args.degree, target_modules=tuple(args.targets) if args.targets else None,
             include_embeddings=args.include_embeddings, train_bias=args.train_bias,
         )
     print(f"{args.model}, {args.num_labels} labels")
@@ -87,6 +94,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     main(DemoConfig(steps=args.steps, degree=args.degree, lr=args.lr, device=args.device,
                     seed=args.seed, out=args.out))
+    return 0
+
+
+def cmd_list(_: argparse.Namespace) -> int:
+    from experiments.suite import EXPERIMENTS
+
+    for name, module in EXPERIMENTS.items():
+        print(f"{name}  {module.TITLE}")
+        print(f"    claims:  {', '.join(module.CLAIMS)}")
+        print(f"    presets: {', '.join(module.PRESETS)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from experiments.suite import EXPERIMENTS, get_experiment, run_experiment
+    from experiments.suite.base import parse_assignments
+
+    names = list(EXPERIMENTS) if args.name == "all" else [get_experiment(args.name).NAME]
+    overrides = parse_assignments(args.set or [])
+    if args.device == "cuda":
+        from experiments.suite.base import resolve_device
+
+        resolve_device("cuda")  # fail before any experiment starts
+    known = {k for n in names for k in EXPERIMENTS[n].Config.field_help()}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"--set: no experiment in {names} has the field(s) {unknown}")
+    for name in names:
+        module = EXPERIMENTS[name]
+        mine = {k: v for k, v in overrides.items() if args.name != "all" or k in module.Config.field_help()}
+        print(f"{name} [{args.preset}]: {module.TITLE}")
+        store = run_experiment(name, args.preset, out=args.out, seed=args.seed, device=args.device,
+                               overrides=mine, progress=True)
+        print(f"  {len(store.reused)} unit(s) reused, {len(store.computed)} computed -> {store.dir}")
+        for v in module.verdicts(store, store.config):
+            print(f"  {v.claim}: {v.verdict} (value {v.value:.4g}; {v.threshold})")
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from experiments.suite import draw_figures
+
+    paths = draw_figures(args.results, args.out)
+    for path in paths:
+        print(path)
+    print(f"{len(paths)} file(s) written to {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from experiments.suite import write_report
+
+    path = write_report(args.results, Path(args.out) / "claims.md", fig_dir=args.figures)
+    print(f"{path}\n{path.with_suffix('.html')}")
     return 0
 
 
@@ -116,6 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
+
+    listing = sub.add_parser("list", help="experiments of the suite, their claims and presets")
+    listing.set_defaults(func=cmd_list)
+    run = sub.add_parser("run", help="run or resume experiments (finished units are reused)")
+    run.add_argument("name", help="an experiment (see `list`; e1, e2, ... work too) or 'all'")
+    run.add_argument("--preset", default="quick", choices=("tiny", "quick", "full"),
+                     help="tiny: seconds (tests); quick: CPU, minutes; full: one GPU")
+    run.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"),
+                     help="where to compute (default: the preset's)")
+    run.add_argument("--out", default="runs/suite", help="results folder (one subfolder per experiment)")
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                     help="override config fields, e.g. --set n_points=512 models=roberta-base,llama-7b")
+    run.set_defaults(func=cmd_run)
+    figures = sub.add_parser("figures", help="redraw every figure from saved results (never recomputes)")
+    figures.add_argument("--results", default="runs/suite")
+    figures.add_argument("--out", default="figures")
+    figures.set_defaults(func=cmd_figures)
+    report = sub.add_parser("report", help="claims report (claims.md and claims.html) from saved results")
+    report.add_argument("--results", default="runs/suite")
+    report.add_argument("--out", default="runs/suite", help="folder for claims.md and claims.html")
+    report.add_argument("--figures", default="figures", help="folder of the figures the report links")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -123,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, OfflineResourceMissing, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # incl. missing offline data/results
         print(f"propulsion-ntk {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

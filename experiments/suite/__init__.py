@@ -1,0 +1,133 @@
+"""The experiment suite: one module per claim-testing experiment, run resumably, drawn, reported.
+
+Every module ``experiments/suite/eN_*.py`` has ``NAME``, ``TITLE``, ``CLAIMS``, ``Config`` (a
+subclass of :class:`~experiments.suite.base.ExperimentConfig` with its thresholds), ``PRESETS``
+(``tiny``, ``quick``, ``full``), ``main(config, store, *, progress=False)``,
+``figures(store, fig_dir)`` and ``verdicts(store, config)``; the modules present are found and
+registered in :data:`EXPERIMENTS` in order of their number.
+
+    from experiments.suite import run_experiment, draw_figures, write_report
+    run_experiment("e7", "quick", out="runs/suite")
+    draw_figures("runs/suite", "figures")
+    write_report("runs/suite", "runs/suite/claims.md")
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from experiments.suite.base import ExperimentConfig, MissingResultError, Store
+
+__all__ = ["EXPERIMENTS", "PRESET_NAMES", "get_experiment", "run_experiment", "draw_figures",
+           "write_report", "open_results"]
+
+PRESET_NAMES = ("tiny", "quick", "full")
+_REQUIRED = ("NAME", "TITLE", "CLAIMS", "Config", "PRESETS", "main", "figures", "verdicts")
+_MODULE = re.compile(r"^e(\d+)_\w+$")
+
+
+def _discover() -> dict[str, ModuleType]:
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        match = _MODULE.match(info.name)
+        if match:
+            found.append((int(match.group(1)), info.name))
+    registry: dict[str, ModuleType] = {}
+    for _, module_name in sorted(found):
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        missing = [a for a in _REQUIRED if not hasattr(module, a)]
+        if missing:
+            raise ImportError(f"experiment module {module.__name__} lacks {missing}")
+        if not issubclass(module.Config, ExperimentConfig) or set(module.PRESETS) != set(PRESET_NAMES):
+            raise ImportError(f"{module.__name__}: Config must subclass ExperimentConfig and PRESETS "
+                              f"have exactly the keys {PRESET_NAMES}")
+        registry[module.NAME] = module
+    return registry
+
+
+EXPERIMENTS: dict[str, ModuleType] = _discover()
+
+
+def get_experiment(name: str) -> ModuleType:
+    """The module of experiment ``name``: its full NAME or its number prefix (``"e2"``).
+
+    Raises:
+        ValueError: unknown name (the message lists the choices).
+    """
+    if name in EXPERIMENTS:
+        return EXPERIMENTS[name]
+    matches = [m for key, m in EXPERIMENTS.items() if key.split("_", 1)[0] == name]
+    if len(matches) == 1:
+        return matches[0]
+    raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} "
+                     "(or their short names e1, e2, ...), or 'all'")
+
+
+def run_experiment(name: str, preset: str = "quick", *, out: str | Path = "runs/suite",
+                   seed: int | None = None, device: str | None = None,
+                   overrides: dict[str, Any] | None = None, progress: bool = False) -> Store:
+    """Run (or resume) one experiment with a preset and overrides; returns its :class:`Store`.
+
+    Units already done in ``out/NAME`` are reused, the rest computed; ``provenance.json`` is
+    written at the end. ``store.reused`` and ``store.computed`` list the units.
+
+    Raises:
+        ValueError: unknown experiment, preset or override field; device ``cuda`` without CUDA.
+        ResultsMismatchError: ``out/NAME`` holds results of another configuration.
+    """
+    module = get_experiment(name)
+    if preset not in module.PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for {module.NAME}; "
+                         f"choose one of {', '.join(module.PRESETS)}")
+    config = module.PRESETS[preset]
+    changes: dict[str, Any] = dict(overrides or {})
+    if seed is not None:
+        changes["seed"] = seed
+    if device is not None:
+        changes["device"] = device
+    config = config.replace(**changes)
+    config.resolve_device()  # a missing CUDA fails here, before any file is written
+    store = Store(out, module.NAME, config)
+    module.main(config, store, progress=progress)
+    store.provenance(preset=preset)
+    return store
+
+
+def _present(results_dir: str | Path) -> list[ModuleType]:
+    root = Path(results_dir)
+    present = [m for key, m in EXPERIMENTS.items() if (root / key / "config.json").is_file()]
+    if not present:
+        raise MissingResultError(f"no experiment results in {root} (no {{name}}/config.json); run "
+                                 f"`propulsion-ntk run all --preset quick --out {root}` first")
+    return present
+
+
+def open_results(results_dir: str | Path, name: str) -> Store:
+    """The :class:`Store` of experiment ``name`` in ``results_dir``, with its recorded config."""
+    module = get_experiment(name)
+    return Store.open_existing(results_dir, module.NAME, module.Config)
+
+
+def draw_figures(results_dir: str | Path = "runs/suite", fig_dir: str | Path = "figures") -> list[Path]:
+    """Redraw every figure of every experiment with results in ``results_dir``, from saved units only.
+
+    Raises:
+        MissingResultError: no results at all, or an experiment's results lack a unit (named).
+    """
+    paths: list[Path] = []
+    for module in _present(results_dir):
+        paths += module.figures(open_results(results_dir, module.NAME), Path(fig_dir))
+    return paths
+
+
+def write_report(results_dir: str | Path = "runs/suite", out_path: str | Path = "runs/suite/claims.md",
+                 *, fig_dir: str | Path = "figures") -> Path:
+    """Write the claims report (Markdown at ``out_path``, HTML beside it); returns the Markdown path."""
+    from experiments.suite.report import write_report as _write
+
+    return _write(results_dir, out_path, fig_dir=fig_dir)

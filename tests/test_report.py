@@ -1,0 +1,55 @@
+"""The claims report: built from saved results only, verdicts from the numbers, deterministic."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.suite import draw_figures, run_experiment, write_report
+from experiments.suite import e7_parameter_counts as e7
+from experiments.suite.base import MissingResultError, Store
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    run_experiment("e7", "tiny", out=root / "runs")
+    return root
+
+
+def test_report_lists_each_verdict_with_rule_setup_and_figure(results):
+    figs = results / "figs"
+    draw_figures(results / "runs", figs)
+    md = write_report(results / "runs", results / "out" / "claims.md", fig_dir=figs)
+    text = md.read_text()
+    assert md.with_suffix(".html").is_file()
+    row = "| parameter_count | Propulsion trains about 0.1% of a model's parameters. | 0.06901 | **supported"
+    assert row in text
+    assert "supported if largest share (%) <= 0.15; not supported if largest share (%) > 0.3" in text
+    assert "e7_parameter_counts (preset tiny): seed=0" in text and "models=['roberta-base']" in text
+    assert "![e7_parameter_counts](../figs/e7_parameter_counts.png)" in text
+    html = md.with_suffix(".html").read_text()
+    assert '<img src="../figs/e7_parameter_counts.png"' in html and 'class="supported"' in html
+    first = (md.read_bytes(), md.with_suffix(".html").read_bytes())
+    write_report(results / "runs", results / "out" / "claims.md", fig_dir=figs)
+    assert (md.read_bytes(), md.with_suffix(".html").read_bytes()) == first  # deterministic
+
+
+def test_report_verdicts_change_with_the_saved_numbers(results, tmp_path):
+    frame = Store.open_existing(results / "runs", e7.NAME, e7.Config).load_table("counts/roberta-base")
+    rows = frame["method"].str.startswith("propulsion")
+    frame.loc[rows, "trainable"] *= 10  # 0.69%: above the 0.3% rule
+    frame["percent"] = 100 * frame["trainable"] / frame["full_model"]
+    Store(tmp_path, e7.NAME, e7.PRESETS["tiny"]).save_table("counts/roberta-base", frame)
+    text = write_report(tmp_path, tmp_path / "claims.md").read_text()
+    assert "| 0.6901 | **not supported** |" in text
+    assert "Figure `e7_parameter_counts` not drawn yet" in text
+
+
+def test_report_names_incomplete_and_missing_results(tmp_path):
+    with pytest.raises(MissingResultError, match="no experiment results in"):
+        write_report(tmp_path, tmp_path / "claims.md")
+    Store(tmp_path, e7.NAME, e7.PRESETS["tiny"])  # opened, nothing computed
+    text = write_report(tmp_path, tmp_path / "claims").read_text()
+    assert "## Not evaluated" in text and "counts/roberta-base" in text
+    with pytest.raises(MissingResultError, match="counts/roberta-base"):
+        draw_figures(tmp_path, tmp_path / "figs")

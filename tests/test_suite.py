@@ -1,0 +1,305 @@
+"""The suite's base (configs, Store, verdicts), the figures module, and experiments 2 and 7."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from experiments import figures as F
+from experiments.suite import e2_premise as e2
+from experiments.suite import e7_parameter_counts as e7
+from experiments.suite.base import (
+    ExperimentConfig,
+    MissingResultError,
+    ResultsMismatchError,
+    Store,
+    atomic_path,
+    decide,
+    make_verdict,
+    resolve_device,
+)
+
+
+@dataclass(frozen=True)
+class Cfg(ExperimentConfig):
+    n: int = field(default=3, metadata={"help": "a size"})
+    widths: tuple[int, ...] = (8, 16)
+    flag: bool = False
+    ratio: float | None = None
+
+
+# ---------------------------------------------------------------------------- configs -----
+def test_config_replace_parses_strings_and_rejects_unknown_fields():
+    cfg = Cfg().replace(n="5", widths="4,32", flag="true", ratio="0.5", seed="3")
+    assert (cfg.n, cfg.widths, cfg.flag, cfg.ratio, cfg.seed) == (5, (4, 32), True, 0.5, 3)
+    assert Cfg().replace(ratio="none").ratio is None
+    assert Cfg.from_dict(cfg.to_dict()) == cfg  # JSON lists come back as tuples
+    with pytest.raises(ValueError, match=r"no field.*'nope'.*fields: seed"):
+        Cfg().replace(nope=1)
+    with pytest.raises(ValueError, match="field n: cannot read 'x' as int"):
+        Cfg().replace(n="x")
+    with pytest.raises(ValueError, match="device must be one of"):
+        Cfg(device="tpu")
+    assert Cfg.field_help()["n"] == "a size"
+
+
+def test_config_hash_is_stable_and_ignores_only_the_device():
+    a = Cfg()
+    assert a.config_hash("x") == Cfg().config_hash("x") != a.config_hash("y")
+    assert a.config_hash("x") == a.replace(device="auto").config_hash("x")
+    assert a.config_hash("x") != a.replace(n=4).config_hash("x")
+
+
+def test_cuda_on_a_machine_without_it_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"CUDA is not available.*--device cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu"
+
+
+# ------------------------------------------------------------------------------ Store -----
+def test_store_round_trips_tables_and_arrays(tmp_path):
+    store = Store(tmp_path, "exp", Cfg())
+    frame = pd.DataFrame({"a": [1, 2], "b": [0.5, 1.5]})
+    store.save_table("k/pre", frame)
+    store.save_table("k/rand", frame.assign(a=[3, 4]))
+    store.save_arrays("spectra/pre", s=np.arange(3.0), m=np.eye(2, dtype=np.float32))
+    assert store.done("k/pre") and not store.done("k/other")
+    pd.testing.assert_frame_equal(store.load_table("k/pre"), frame)
+    arrays = store.load_arrays("spectra/pre")
+    np.testing.assert_array_equal(arrays["s"], np.arange(3.0))
+    assert arrays["m"].dtype == np.float32
+    assert store.units("k/") == ["k/pre", "k/rand"]
+    assert store.table("k/")[["a", "unit"]].values.tolist() == [[1, "k/pre"], [2, "k/pre"], [3, "k/rand"],
+                                                                 [4, "k/rand"]]
+    assert store.computed == ["k/pre", "k/rand", "spectra/pre"] and store.reused == []
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["config"]["widths"] == [8, 16]
+    with pytest.raises(ValueError, match="holds arrays, not table"):
+        store.load_table("spectra/pre")
+    with pytest.raises(ValueError, match="bad unit name"):
+        store.save_table("../escape", frame)
+
+
+def test_store_reuses_done_units_and_ignores_half_written_ones(tmp_path):
+    store = Store(tmp_path, "exp", Cfg())
+    store.save_table("a", pd.DataFrame({"x": [1]}))
+    units = tmp_path / "exp" / "units"
+    # An interrupted unit: a temporary file, and a data file whose marker never got written.
+    (units / ".b.parquet.abc123.tmp").write_bytes(b"half")
+    pd.DataFrame({"x": [9]}).to_parquet(units / "c.parquet")
+    again = Store(tmp_path, "exp", Cfg())
+    assert again.reused == ["a"] and again.units() == ["a"]
+    assert not again.done("b") and not again.done("c")
+    with pytest.raises(MissingResultError, match=r"unit 'c' of exp is not in .*propulsion-ntk run exp"):
+        again.load_table("c")
+    again.save_table("c", pd.DataFrame({"x": [2]}))  # redone, overwriting the orphan
+    assert again.load_table("c")["x"].tolist() == [2] and again.computed == ["c"]
+
+
+def test_store_refuses_a_folder_of_another_config(tmp_path):
+    Store(tmp_path, "exp", Cfg())
+    with pytest.raises(ResultsMismatchError, match=r"exp holds results of another configuration.*--out"):
+        Store(tmp_path, "exp", Cfg(n=4))
+    Store(tmp_path, "exp", Cfg(device="auto"))  # the device does not change the results' identity
+
+
+def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
+    target = tmp_path / "f.txt"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_provenance_records_commit_versions_and_units(tmp_path):
+    store = Store(tmp_path, "exp", Cfg())
+    store.save_table("a", pd.DataFrame({"x": [1]}))
+    prov = json.loads(store.provenance(preset="tiny").read_text())
+    assert {"git_commit", "git_dirty", "versions", "device", "date", "wall_time_s"} <= set(prov)
+    assert prov["units_computed"] == ["a"] and prov["preset"] == "tiny" and "torch" in prov["versions"]
+
+
+# --------------------------------------------------------------------------- verdicts -----
+@pytest.mark.parametrize(("value", "expected"), [
+    (0.95, "supported"), (0.9, "supported"), (0.8, "inconclusive"), (0.69, "not supported"),
+    (math.nan, "inconclusive"),
+])
+def test_decide_follows_the_rules(value, expected):
+    assert decide(value, support_if=(">=", 0.9), refute_if=("<", 0.7)) == expected
+
+
+def test_decide_rejects_bad_or_overlapping_rules():
+    with pytest.raises(ValueError, match="overlap"):
+        decide(0.5, support_if=(">=", 0.1), refute_if=("<", 0.9))
+    with pytest.raises(ValueError, match="support_if must be"):
+        decide(0.5, support_if=("=>", 0.1), refute_if=("<", 0.9))  # type: ignore[arg-type]
+    v = make_verdict(claim="c", statement="s", measurement="m", value=0.2, what="x", support_if=("<=", 0.1),
+                     refute_if=(">", 0.3), figure=None, experiment="e")
+    assert v.verdict == "inconclusive" and v.threshold == (
+        "supported if x <= 0.1; not supported if x > 0.3; else inconclusive")
+
+
+# ---------------------------------------------------------------------------- figures -----
+def test_save_figure_writes_pdf_and_png_atomically(tmp_path):
+    with F.style():
+        fig, ax = F.new_figure("column")
+        ax.plot([0, 1], [0, 1], color=F.method_color("propulsion k=5"))
+        paths = F.save_figure(fig, tmp_path / "figs", "demo")
+    assert [p.name for p in paths] == ["demo.pdf", "demo.png"]
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["demo.pdf", "demo.png"]
+    assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[0].read_bytes()[:4] == b"%PDF"
+    assert F.method_color("lora") == F.METHOD_COLORS["lora"]
+    assert F.method_color("something") == F.method_color("something")
+    with pytest.raises(ValueError, match="width must be"):
+        F.new_figure("half")
+
+
+def test_heatmap_triplet_metrics_are_scale_free(tmp_path):
+    from ntk import metrics
+
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(6, 4))
+    K_F, K_P = A @ A.T, (A + 0.3 * rng.normal(size=A.shape)) @ (A + 0.3 * rng.normal(size=A.shape)).T
+    K_P = (K_P + K_P.T) / 2
+    with F.style():
+        fig, _, scores = F.heatmap_triplet(K_F, K_P)
+        F.save_figure(fig, tmp_path, "h")
+        _, _, scaled = F.heatmap_triplet(K_F, 1e4 * K_P)
+    assert scores["cka"] == pytest.approx(metrics.cka(K_F, K_P), rel=1e-12)
+    assert scaled == pytest.approx(scores, rel=1e-9)
+
+
+def test_curve_plot_draws_bands_and_names_missing_columns():
+    data = pd.DataFrame({"step": [0, 1, 0, 1], "acc": [0.5, 0.7, 0.5, 0.9], "method": ["lora"] * 4,
+                         "seed": [0, 0, 1, 1]})
+    with F.style():
+        fig, ax = F.new_figure()
+        F.curve_plot(ax, data, x="step", y="acc", hue="method")
+        assert ax.lines[0].get_ydata().tolist() == [0.5, 0.8] and len(ax.collections) == 1
+        with pytest.raises(ValueError, match=r"columns \['loss'\]"):
+            F.curve_plot(ax, data, x="step", y="loss", hue="method")
+        F.plt.close(fig)
+
+
+# --------------------------------------------------------------------- experiment 7 -------
+@pytest.fixture(scope="module")
+def e7_store(tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("e7"), e7.NAME, e7.PRESETS["tiny"])
+    e7.main(e7.PRESETS["tiny"], store)
+    return store
+
+
+def test_e7_counts_match_the_paper_and_the_analytic_counts(e7_store, tmp_path):
+    frame = e7_store.load_table("counts/roberta-base").set_index("method")
+    assert (frame["trainable"] == frame["analytic"]).all()
+    assert frame.loc["propulsion (Linear + Embedding)", "trainable"] == 86_018  # 86,016 + C
+    assert frame.loc["propulsion (q, k, v)", "trainable"] == 27_648  # 3 * 12 * 768
+    assert frame.loc["lora (q, v)", "trainable"] == 12 * 2 * 8 * (768 + 768)
+    assert frame.loc["full", "trainable"] == 124_647_170
+    again = Store(e7_store.root, e7.NAME, e7.PRESETS["tiny"])
+    e7.main(e7.PRESETS["tiny"], again)
+    assert again.computed == [] and again.reused == ["counts/roberta-base"]
+    assert all(p.is_file() for p in e7.figures(e7_store, tmp_path))
+    assert [v.verdict for v in e7.verdicts(e7_store, e7_store.config)] == ["supported"] * 3
+
+
+@pytest.mark.parametrize(("scale", "expected"), [(1.0, "supported"), (3.0, "inconclusive"),
+                                                  (6.0, "not supported")])
+def test_e7_verdicts_follow_the_numbers(e7_store, tmp_path, scale, expected):
+    frame = e7_store.load_table("counts/roberta-base")
+    rows = frame["method"].str.startswith("propulsion")
+    frame.loc[rows, "trainable"] = (frame.loc[rows, "trainable"] * scale).astype(int)
+    frame["percent"] = 100 * frame["trainable"] / frame["full_model"]
+    store = Store(tmp_path, e7.NAME, e7.PRESETS["tiny"])
+    store.save_table("counts/roberta-base", frame)
+    share, vs_lora, paper = e7.verdicts(store, store.config)
+    assert share.verdict == expected  # 0.069% x scale against 0.15% / 0.3%
+    assert vs_lora.verdict == ("supported" if scale < 3.4 else "not supported")
+    assert paper.verdict == ("supported" if scale == 1.0 else "not supported")
+
+
+def test_e7_figures_name_a_missing_unit(tmp_path):
+    store = Store(tmp_path, e7.NAME, e7.PRESETS["tiny"])
+    with pytest.raises(MissingResultError, match=r"counts/roberta-base.*propulsion-ntk run"):
+        e7.figures(store, tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+
+
+# --------------------------------------------------------------------- experiment 2 -------
+def test_e2_measures_against_direct_formulas():
+    gen = torch.Generator().manual_seed(0)
+    for d_out, d_in in ((40, 12), (12, 40)):
+        W = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+        sigma = e2.singular_values(W)
+        torch.testing.assert_close(sigma, torch.linalg.svdvals(W), rtol=1e-8, atol=1e-10)
+        M = W.T @ W
+        direct = torch.linalg.matrix_norm(M / (M.trace() / d_in) - torch.eye(d_in, dtype=torch.float64))
+        assert e2.identity_distance(sigma, d_in) == pytest.approx(float(direct) / math.sqrt(d_in), rel=1e-10)
+    assert e2.jl_epsilon(100, 50) == pytest.approx(math.sqrt(8 * math.log(100) / 50))
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))
+    X = torch.randn(15, 20, generator=gen, dtype=torch.float64)
+    d = e2.distortion(3.0 * Q, X)  # a scaled isometry: raw distortion only from the scale
+    assert d["best_max"] < 1e-12 and d["scale_best"] == pytest.approx(1 / 9)
+    assert d["raw_max"] == pytest.approx(8.0, rel=1e-9)  # |9 - 1| on the diagonal
+
+
+def test_e2_identity_distance_of_gaussian_weights_matches_marchenko_pastur():
+    gen = torch.Generator().manual_seed(1)
+    for d_out, d_in in ((1024, 256), (256, 256), (256, 512)):
+        W = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+        dist = e2.identity_distance(e2.singular_values(W), d_in)
+        assert dist == pytest.approx(math.sqrt((d_in + 1) / d_out), rel=0.05)
+
+
+def _fake_layers(within: float, ratio: float) -> dict[str, pd.DataFrame]:
+    n = 10
+    base = pd.DataFrame({"layer": [f"l{i}" for i in range(n)], "block": list(range(n)), "kind": "q",
+                         "d_in": 64, "d_out": 64, "cond_W": 10.0, "n_points": 32, "eps_jl": 0.5,
+                         "best_max": 0.1, "best_median": 0.05, "dist_gaussian": 1.0, "dist_identity": 1.0})
+    pre = base.assign(dist_identity=ratio, weights="pretrained",
+                      best_max=[0.1 if i < round(within * n) else 0.9 for i in range(n)])
+    return {"pretrained": pre.assign(within_jl=pre["best_max"] <= pre["eps_jl"]),
+            "random": base.assign(weights="random", within_jl=True)}
+
+
+@pytest.mark.parametrize(("within", "ratio", "expected"), [
+    (1.0, 1.0, ("supported", "supported")), (0.7, 2.0, ("inconclusive", "inconclusive")),
+    (0.2, 4.0, ("not supported", "not supported")),
+])
+def test_e2_verdicts_follow_the_numbers(tmp_path, within, ratio, expected):
+    store = Store(tmp_path, e2.NAME, e2.PRESETS["tiny"])
+    for weights, frame in _fake_layers(within, ratio).items():
+        store.save_table(f"layers/{weights}", frame)
+    assert tuple(v.verdict for v in e2.verdicts(store, store.config)) == expected
+
+
+@pytest.mark.realmodel
+def test_e2_tiny_run_tables_figures_verdicts(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROPULSION_NTK_CACHE", str(tmp_path / "cache"))  # split records of this test only
+    config = e2.PRESETS["tiny"]
+    store = Store(tmp_path, e2.NAME, config)
+    e2.main(config, store)
+    frame = store.table("layers/")
+    assert set(frame["weights"]) == {"pretrained", "random"} and len(frame) == 2 * 7  # layer 0 + pooler
+    pooler = frame["layer"].str.contains("pooler")  # sees one vector (CLS) per sentence
+    assert (frame.loc[~pooler, "n_points"] == config.n_points).all()
+    assert (frame.loc[pooler, "n_points"] == config.n_sentences).all() and frame["best_max"].notna().all()
+    rnd = frame[frame["weights"] == "random"]
+    # BERT's init is iid N(0, 0.02^2): its distance is the Marchenko-Pastur value.
+    np.testing.assert_allclose(rnd["dist_identity"], rnd["dist_gaussian"], rtol=0.1)
+    spectra = store.load_arrays("spectra/pretrained")
+    assert len(spectra) == 7 and all(np.all(np.diff(s) <= 0) for s in spectra.values())
+    paths = e2.figures(store, tmp_path / "figs")
+    stems = ("condition_numbers", "distortion", "spectra")
+    assert sorted(p.name for p in paths) == sorted(f"e2_{s}.{x}" for s in stems for x in ("pdf", "png"))
+    verdicts = e2.verdicts(store, config)
+    assert [v.claim for v in verdicts] == ["theorem_premise"] * 2
+    again = Store(tmp_path, e2.NAME, config)
+    e2.main(config, again)
+    assert again.computed == []
