@@ -1,0 +1,141 @@
+"""Fine-tuning runs as units of a suite experiment: resumable, tagged, summarised.
+
+A unit is one :func:`experiments.train.train` run. Its training folder is
+``<store>/train/<unit>`` (checkpoints there make an interrupted run resume); once it finishes,
+its rows, tagged with the run's identity, are saved as the unit's table, so figures and
+verdicts read only saved tables. :func:`summarise` turns the rows of many runs into one row
+per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from experiments.callbacks import Callback
+from experiments.encoding import EncodedSplits
+from experiments.suite.base import Store
+from experiments.train import TrainConfig, train
+
+__all__ = ["run_training", "summarise", "steps_to", "SUMMARY_COLUMNS"]
+
+SUMMARY_COLUMNS = (
+    "run",
+    "status",
+    "test_accuracy",
+    "test_macro_f1",
+    "best_val_accuracy",
+    "best_step",
+    "final_val_accuracy",
+    "step_seconds",
+    "peak_memory_delta_mb",
+    "trainable_parameters",
+)
+
+
+def run_training(
+    store: Store,
+    unit: str,
+    config: TrainConfig,
+    *,
+    tags: dict[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    data: EncodedSplits | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Run (or resume, or reuse) the training run of ``unit``; return its tagged rows.
+
+    Every row gets the columns ``run`` (= ``unit``), ``status``, ``trainable_parameters``,
+    ``baseline_memory_mb`` and the ``tags`` (method, degree, lr, seed, ...: what figures group by).
+    ``data`` replaces the config's data set (e.g. a few-shot subset); it is part of the run's
+    identity through its fingerprint.
+    A run stopped by a NaN loss is kept (status ``stopped_nan``): a diverging setting is a result.
+    """
+    if store.done(unit):
+        return store.load_table(unit)
+    out = store.dir / "train" / unit
+    result = train(config, out, callbacks=callbacks, data=data, progress=progress)
+    info = json.loads((out / "run.json").read_text())
+    rows = result.rows.copy()
+    rows.insert(0, "run", unit)
+    rows["status"] = result.status
+    rows["trainable_parameters"] = int(info.get("trainable_parameters", result.trainable_parameters))
+    rows["baseline_memory_mb"] = float(info.get("baseline_memory_mb") or math.nan)
+    for key, value in (tags or {}).items():
+        if key in rows.columns:
+            raise ValueError(f"tag {key!r} collides with a recorded column")
+        rows[key] = value
+    store.save_table(unit, rows)
+    return rows
+
+
+def steps_to(evals: pd.DataFrame, target: float) -> float:
+    """First evaluated step whose validation accuracy reaches ``target``; NaN if none does."""
+    hit = evals[evals["accuracy"] >= target]
+    return float(hit["step"].min()) if len(hit) else math.nan
+
+
+def summarise(rows: pd.DataFrame, *, target: float | None = None, skip_steps: int = 3) -> pd.DataFrame:
+    """One row per run: test metrics (checkpoint chosen by validation), best / final validation
+    accuracy, median step seconds (the first ``skip_steps`` steps, warm-up, left out), peak memory
+    above the run's baseline, trainable parameters, steps to ``target`` validation accuracy, and
+    every tag column (constant within a run)."""
+    if rows.empty:
+        raise ValueError("no rows to summarise")
+    per_run = rows.groupby("run")
+    tag_columns = [
+        c for c in rows.columns if c not in _RECORDED and per_run[c].nunique(dropna=False).max() <= 1
+    ]
+    out = []
+    for run, group in rows.groupby("run", sort=True):
+        train_rows = group[group["kind"] == "train"]
+        evals = group[group["kind"] == "eval"].sort_values("step")
+        test = group[group["kind"] == "test"]
+        steady = train_rows[train_rows["step"] > skip_steps]
+        steady = steady if len(steady) else train_rows
+        baseline = group["baseline_memory_mb"].iloc[0]
+        row: dict[str, Any] = {c: group[c].iloc[0] for c in tag_columns}
+        row.update(
+            {
+                "run": run,
+                "test_accuracy": float(test["accuracy"].iloc[0]) if len(test) else math.nan,
+                "test_macro_f1": float(test["macro_f1"].iloc[0]) if len(test) else math.nan,
+                "best_val_accuracy": float(evals["accuracy"].max()) if len(evals) else math.nan,
+                "best_step": float(test["step"].iloc[0]) if len(test) else math.nan,
+                "final_val_accuracy": float(evals["accuracy"].iloc[-1]) if len(evals) else math.nan,
+                "step_seconds": float(np.median(steady["seconds"])) if len(steady) else math.nan,
+                "peak_memory_delta_mb": (
+                    float(train_rows["peak_memory_mb"].max() - baseline) if len(train_rows) else math.nan
+                ),
+            }
+        )
+        if target is not None:
+            row["steps_to_target"] = steps_to(evals, target) if len(evals) else math.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+# Columns the trainer records (vary within a run), as opposed to the tags added per run.
+_RECORDED = frozenset(
+    {
+        "step",
+        "kind",
+        "loss",
+        "lr",
+        "grad_norm",
+        "seconds",
+        "train_seconds",
+        "tokens_per_s",
+        "peak_memory_mb",
+        "accuracy",
+        "macro_f1",
+        "examples",
+        "message",
+        "selected_by",
+    }
+)

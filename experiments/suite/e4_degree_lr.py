@@ -1,0 +1,252 @@
+"""Experiment 4: is the degree k only a learning-rate knob?
+
+At z = 1 the Propulsion factor z**k has derivative k, so the kernel is k^2 times the k = 1
+kernel and, to first order, training with degree k is training with degree 1 at a larger
+learning rate: under SGD the update of z**k is k^2 lr times the k = 1 gradient, under Adam
+(whose step size ignores the gradient's scale) the update of z is about lr whatever k is, so
+z**k moves about k lr. Away from z = 1 the higher terms of (1 + delta)**k differ, so the
+equivalence can break as training moves z. Runs, per degree k in ``degrees``:
+
+    adam  (k, lr)   (1, k lr)     (1, lr)          the last is the "no rescaling" control
+    sgd   (k, lr)   (1, k^2 lr)   (1, lr)
+
+on the same data, seed and batch order; z-only Propulsion with the classification head frozen
+(random) and z on it too, so every trained number is a z and one learning rate governs all of
+them; no gradient clipping (clipping would act differently on the k-scaled gradients).
+
+    propulsion-ntk run e4 --preset quick      # MiniLM, Rotten Tomatoes, a few minutes on a CPU
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from experiments.figures import method_color, new_figure, save_figure, style
+from experiments.suite._training import run_training, summarise
+from experiments.suite.base import ExperimentConfig, Store, Verdict, make_verdict
+from experiments.train import TrainConfig
+
+NAME = "e4_degree_lr"
+TITLE = "Degree versus learning rate: (k, lr) against (1, k lr) under Adam and (1, k^2 lr) under SGD"
+CLAIMS = ("degree_is_lr",)
+ROLES = ("degree", "rescaled", "control")  # (k, lr), (1, k^p lr), (1, lr)
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    model: str = field(default="minilm", metadata={"help": "model short name"})
+    dataset: str = field(default="rotten_tomatoes", metadata={"help": "data set"})
+    degrees: tuple[int, ...] = field(default=(5, 15), metadata={"help": "degrees k compared with k = 1"})
+    adam_lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the degree-k run"})
+    sgd_lr: float = field(default=0.05, metadata={"help": "SGD learning rate of the degree-k run"})
+    steps: int = field(default=100, metadata={"help": "optimiser steps per run"})
+    batch_size: int = field(default=16, metadata={"help": "examples per step"})
+    max_length: int = field(default=32, metadata={"help": "tokens per sentence at most"})
+    max_examples: int | None = field(default=4000, metadata={"help": "examples kept from the data set"})
+    eval_every: int = field(default=20, metadata={"help": "validation every n steps"})
+    eval_examples: int | None = field(default=256, metadata={"help": "validation examples per evaluation"})
+    support_max_gap: float = field(
+        default=0.02,
+        metadata={"help": "supported if |acc(k, lr) - acc(1, rescaled lr)| <= this for every run pair"},
+    )
+    refute_min_gap: float = field(
+        default=0.05, metadata={"help": "not supported if that gap > this for some pair"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = [k for k in self.degrees if isinstance(k, bool) or not isinstance(k, int) or k < 2]
+        if not self.degrees or bad:
+            raise ValueError(f"degrees must be integers >= 2 (each compared with k = 1), got {self.degrees}")
+        if not (self.adam_lr > 0 and self.sgd_lr > 0):
+            raise ValueError(f"learning rates must be positive, got {self.adam_lr}, {self.sgd_lr}")
+        if not 0 <= self.support_max_gap <= self.refute_min_gap:
+            raise ValueError("need 0 <= support_max_gap <= refute_min_gap")
+
+
+PRESETS: dict[str, Config] = {
+    "tiny": Config(
+        degrees=(3,), steps=4, batch_size=4, max_length=12, max_examples=60, eval_every=2, eval_examples=8
+    ),
+    "quick": Config(degrees=(5,), steps=80),
+    "full": Config(
+        device="auto",
+        degrees=(5, 15, 55),
+        steps=300,
+        max_length=64,
+        max_examples=None,
+        eval_every=25,
+        eval_examples=None,
+    ),
+}
+
+
+def plan(config: Config) -> list[dict]:
+    """Every run: unit, optimizer, degree (the run's), peak_lr, role, k (the degree compared), power."""
+    runs = []
+    for k in config.degrees:
+        for optimizer, lr, power in (("adamw", config.adam_lr, 1), ("sgd", config.sgd_lr, 2)):
+            roles = (("degree", k, lr), ("rescaled", 1, lr * k**power), ("control", 1, lr))
+            for role, degree, rate in roles:
+                runs.append(
+                    {
+                        "unit": f"runs/{optimizer}/k{k}/{role}",
+                        "optimizer": optimizer,
+                        "degree": degree,
+                        "peak_lr": rate,
+                        "role": role,
+                        "k": k,
+                        "power": power,
+                    }
+                )
+    return runs
+
+
+def train_config(config: Config, run: dict) -> TrainConfig:
+    return TrainConfig(
+        model=config.model,
+        dataset=config.dataset,
+        method="propulsion",
+        method_options=(("degree", run["degree"]),),
+        head="frozen",
+        optimizer=run["optimizer"],
+        lr=run["peak_lr"],
+        weight_decay=0.0,
+        momentum=0.0,
+        schedule="constant",
+        warmup_steps=0,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        clip_norm=None,
+        eval_every=config.eval_every,
+        eval_examples=config.eval_examples,
+        max_length=config.max_length,
+        max_examples=config.max_examples,
+        seed=config.seed,
+        device=config.resolve_device(),
+        checkpoint_every=max(config.eval_every, 10),
+        target_accuracy=None,
+        save_best=False,
+    )
+
+
+def main(config: Config, store: Store, *, progress: bool = False) -> None:
+    for run in plan(config):
+        tags = {k: v for k, v in run.items() if k != "unit"}
+        run_training(store, run["unit"], train_config(config, run), tags=tags, progress=progress)
+    store.provenance()
+
+
+def _rows(store: Store, config: Config) -> pd.DataFrame:
+    units = [run["unit"] for run in plan(config)]
+    store.require(*units)
+    return pd.concat([store.load_table(u) for u in units], ignore_index=True)
+
+
+def pair_gaps(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (optimizer, k): final validation accuracy of the three roles and the gaps
+    |degree - rescaled| (the claim) and |degree - control| (what no rescaling gives)."""
+    out = []
+    for (optimizer, k), group in summary.groupby(["optimizer", "k"], sort=True):
+        acc = {r["role"]: r["final_val_accuracy"] for _, r in group.iterrows()}
+        status = set(group["status"])
+        out.append(
+            {
+                "optimizer": optimizer,
+                "k": int(k),
+                **{f"acc_{r}": acc.get(r, math.nan) for r in ROLES},
+                "gap_rescaled": abs(acc.get("degree", math.nan) - acc.get("rescaled", math.nan)),
+                "gap_control": abs(acc.get("degree", math.nan) - acc.get("control", math.nan)),
+                "all_finished": status == {"finished"},
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def loss_gap(rows: pd.DataFrame, optimizer: str, k: int, other: str) -> float:
+    """Mean over steps of |loss_degree - loss_other| / mean loss_degree (training loss)."""
+    train = rows[(rows["kind"] == "train") & (rows["optimizer"] == optimizer) & (rows["k"] == k)]
+    a = train[train["role"] == "degree"].set_index("step")["loss"]
+    b = train[train["role"] == other].set_index("step")["loss"]
+    joined = pd.concat([a, b], axis=1, join="inner").dropna()
+    if joined.empty:
+        return math.nan
+    return float((joined.iloc[:, 0] - joined.iloc[:, 1]).abs().mean() / joined.iloc[:, 0].abs().mean())
+
+
+def figures(store: Store, fig_dir: Path) -> list[Path]:
+    config = store.config
+    assert isinstance(config, Config)
+    rows = _rows(store, config)
+    paths: list[Path] = []
+    styles = {"degree": "-", "rescaled": "--", "control": ":"}
+    with style():
+        for k in config.degrees:
+            fig, axes = new_figure("full", aspect=0.55, nrows=1, ncols=2, sharey=True)
+            for ax, optimizer in zip(axes, ("adamw", "sgd"), strict=True):
+                power = 1 if optimizer == "adamw" else 2
+                for role in ROLES:
+                    sel = rows[(rows["optimizer"] == optimizer) & (rows["k"] == k) & (rows["role"] == role)]
+                    ev = sel[sel["kind"] == "eval"].sort_values("step")
+                    if ev.empty:
+                        continue
+                    label = {
+                        "degree": f"k={k}, lr",
+                        "rescaled": f"k=1, {k}{'^2' if power == 2 else ''} lr",
+                        "control": "k=1, lr",
+                    }[role]
+                    ax.plot(
+                        ev["step"],
+                        ev["accuracy"],
+                        styles[role],
+                        color=method_color("propulsion"),
+                        alpha=1.0 if role != "control" else 0.6,
+                        label=label,
+                        marker="o",
+                        markersize=2.5,
+                    )
+                ax.set_title(
+                    f"{'AdamW' if optimizer == 'adamw' else 'SGD'}: lr = "
+                    f"{config.adam_lr if optimizer == 'adamw' else config.sgd_lr:g}"
+                )
+                ax.set_xlabel("step")
+                ax.legend(fontsize="small")
+            axes[0].set_ylabel("validation accuracy")
+            paths += save_figure(fig, fig_dir, f"e4_degree_vs_lr_k{k}")
+    return paths
+
+
+def verdicts(store: Store, config: Config) -> list[Verdict]:
+    rows = _rows(store, config)
+    gaps = pair_gaps(summarise(rows))
+    out = []
+    for optimizer, power in (("adamw", "k"), ("sgd", "k^2")):
+        sel = gaps[gaps["optimizer"] == optimizer]
+        worst = float(sel["gap_rescaled"].max()) if len(sel) else math.nan
+        control = float(np.nanmax(sel["gap_control"])) if len(sel) else math.nan
+        ks = ", ".join(str(k) for k in sel["k"])
+        out.append(
+            make_verdict(
+                claim="degree_is_lr",
+                statement=f"degree k acts as a learning-rate factor ({power} under "
+                f"{'Adam' if optimizer == 'adamw' else 'SGD'})",
+                measurement=(
+                    f"largest |final validation accuracy of (k, lr) - of (1, {power} lr)| over k in "
+                    f"{{{ks}}}, {config.model} on {config.dataset}, {config.steps} steps, z only, "
+                    "head frozen; "
+                    f"without rescaling (1, lr) the gap is {control:.3f}"
+                ),
+                value=worst,
+                what="gap",
+                support_if=("<=", config.support_max_gap),
+                refute_if=(">", config.refute_min_gap),
+                figure=f"e4_degree_vs_lr_k{config.degrees[0]}",
+                experiment=NAME,
+            )
+        )
+    return out

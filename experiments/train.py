@@ -1,0 +1,711 @@
+"""Fine-tune a classifier with any method of :func:`experiments.methods.prepare`: one plain loop.
+
+    python -m experiments.train --out runs/prop-k5 --method propulsion --option degree=5 --lr 3e-3
+    python -m experiments.train --out runs/full --method full --lr 5e-5 --steps 300
+    python -m experiments.train --out runs/lora --method lora --lr 5e-4 --device cuda --mixed-precision bf16
+    python -m experiments.train --out runs/ref --method propulsion --option preset=reference
+
+Each run owns a folder: ``rows.parquet`` (tidy rows, see :mod:`experiments.records`), ``run.json``
+(config, hash, provenance, status, summary), ``checkpoint.pt`` while it runs (removed when it
+finishes) and ``best.safetensors`` (the trainable parameters chosen by validation). Running the
+same config on the same folder resumes from the last checkpoint, or returns the stored result of
+a finished run; another config on that folder is refused. ``run.json`` status: running,
+interrupted (Ctrl-C) or failed (an exception; both resume), finished, stopped_nan (a non-finite
+loss or gradient norm stopped it; rows so far kept; returned as is, like a finished run).
+
+The loop: batches in seeded epoch order, forward (autocast on CUDA when asked), cross-entropy,
+backward, gradient clipping, optimiser and schedule step; a validation pass at step 0, every
+``eval_every`` steps and at the end; the test split once, on the parameters of the best
+validation pass (never chosen by test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from experiments.callbacks import Callback, TrainState
+from experiments.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
+from experiments.encoding import EncodedSplit, EncodedSplits
+from experiments.records import (
+    MemoryProbe,
+    accuracy,
+    macro_f1,
+    provenance,
+    read_json,
+    read_rows,
+    write_json,
+    write_rows,
+)
+
+__all__ = ["RunResult", "TrainConfig", "main", "train"]
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("no", "bf16", "fp16")
+SELECT_BY = ("accuracy", "macro_f1", "loss")
+HEADS = ("train", "frozen")
+TERMINAL = ("finished", "stopped_nan")
+
+
+def _freeze(value: Any, key: str) -> Any:
+    """JSON-like value -> hashable (lists become tuples); anything else is refused."""
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v, key) for v in value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise ValueError(f"method option {key!r}: {value!r} is not JSON-serialisable (use numbers, strings, "
+                     f"bools, None or lists of them)")
+
+
+def _thaw(value: Any) -> Any:
+    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _choices(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One fine-tuning run. Everything that changes its numbers is here (and in its hash)."""
+
+    model: str = field(default="minilm", metadata={"help": "model short name (experiments.models.MODELS)"})
+    dataset: str = field(default="rotten_tomatoes", metadata={"help": "data set (experiments.data.DATASETS)"})
+    method: str = field(default="propulsion", metadata={"help": "fine-tuning method (experiments.methods)"})
+    method_options: tuple[tuple[str, Any], ...] = field(default=(), metadata={
+        "help": "options of the method as (key, value) pairs or a mapping, e.g. degree=15; "
+                "propulsion also takes preset='reference' (the authors' released defaults)"})
+    head: str = field(default="train", metadata={"help": "classification head: 'train' or 'frozen'"})
+    optimizer: str = field(default="adamw", metadata={"help": "'adamw' or 'sgd'"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (> 0)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled (AdamW) or L2 (SGD) decay"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
+    schedule: str = field(default="linear", metadata={
+        "help": "after warm-up: constant, linear or cosine decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up from lr/(W+1) to lr over W steps"})
+    steps: int = field(default=200, metadata={"help": "optimiser steps (> 0)"})
+    batch_size: int = field(default=16, metadata={"help": "training examples per step"})
+    eval_batch_size: int = field(default=64, metadata={"help": "examples per forward in evaluation"})
+    clip_norm: float | None = field(default=1.0, metadata={"help": "max gradient 2-norm; None: no clipping"})
+    eval_every: int = field(default=50, metadata={"help": "validation pass every n steps (and at 0, end)"})
+    eval_examples: int | None = field(default=None, metadata={
+        "help": "validation examples per pass (a fixed seeded subset); None: the whole split"})
+    max_length: int = field(default=64, metadata={"help": "tokens per sequence at most"})
+    max_examples: int | None = field(default=None, metadata={"help": "keep this many examples (quick runs)"})
+    seed: int = field(default=0, metadata={"help": "seeds head init, adapters, dropout, batch order"})
+    split_seed: int = field(default=0, metadata={
+        "help": "seeds the train/validation/test split (kept fixed while seed varies)"})
+    device: str = field(default="cpu", metadata={"help": "'cpu', 'cuda', 'cuda:N' or 'auto'"})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (CUDA only)"})
+    checkpoint_every: int | None = field(default=50, metadata={
+        "help": "checkpoint every n steps for resuming; None: no intermediate checkpoints"})
+    target_accuracy: float | None = field(default=0.8, metadata={
+        "help": "validation accuracy for the steps/seconds-to-target summary"})
+    select_by: str = field(default="accuracy", metadata={
+        "help": "validation metric choosing the tested parameters: accuracy, macro_f1 or loss"})
+    save_best: bool = field(default=True, metadata={"help": "write best.safetensors at the end"})
+
+    def __post_init__(self) -> None:
+        from experiments.data import DATASETS
+        from experiments.methods import METHODS
+        from experiments.models import MODELS
+
+        _choices("model", self.model, MODELS)
+        _choices("dataset", self.dataset, DATASETS)
+        _choices("method", self.method, METHODS)
+        _choices("head", self.head, HEADS)
+        _choices("optimizer", self.optimizer, OPTIMIZERS)
+        _choices("schedule", self.schedule, SCHEDULES)
+        _choices("mixed_precision", self.mixed_precision, PRECISIONS)
+        _choices("select_by", self.select_by, SELECT_BY)
+        options = self.method_options
+        pairs = list(options.items()) if isinstance(options, Mapping) else [tuple(p) for p in options]
+        if any(len(p) != 2 or not isinstance(p[0], str) for p in pairs):
+            raise ValueError(f"method_options must be (key, value) pairs with string keys, got {options!r}")
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"method_options repeat a key: {keys}")
+        object.__setattr__(self, "method_options", tuple(sorted((k, _freeze(v, k)) for k, v in pairs)))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive, finite number, got {self.lr!r}")
+        for name in ("steps", "batch_size", "eval_batch_size", "eval_every", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_examples", "max_examples", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
+        for name in ("seed", "split_seed", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"weight_decay must be >= 0 and momentum in [0, 1), got {self.weight_decay}, "
+                             f"{self.momentum}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be None or > 0, got {self.clip_norm}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+        if self.mixed_precision != "no" and self.device == "cpu":
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} needs CUDA; use 'no' on the CPU")
+        if self.method != "propulsion" and "preset" in dict(self.method_options):
+            raise ValueError("the option 'preset' is for method 'propulsion' only")
+        if dict(self.method_options).get("preset", "reference") != "reference":
+            raise ValueError(f"unknown propulsion preset {dict(self.method_options)['preset']!r}; "
+                             f"known: 'reference'")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["method_options"] = {k: _thaw(v) for k, v in self.method_options}
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def config_hash(self) -> str:
+        """First 16 hex digits of the SHA-256 of the sorted JSON of :meth:`to_dict`."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def prepare_options(self) -> dict[str, Any]:
+        """Keyword options for :func:`experiments.methods.prepare` (the Propulsion preset resolved)."""
+        options = {k: _thaw(v) for k, v in self.method_options}
+        preset = options.pop("preset", None)
+        if preset is not None:
+            if preset != "reference":
+                raise ValueError(f"unknown propulsion preset {preset!r}; known: 'reference'")
+            from propulsion import PropulsionConfig
+
+            options = {"config": PropulsionConfig.reference(options.pop("degree", 5)).replace(**options)}
+        return options
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns (also rebuilt from the folder of a finished run)."""
+
+    status: str  # finished | stopped_nan
+    message: str
+    out_dir: Path
+    config: TrainConfig
+    rows: pd.DataFrame = field(repr=False)
+    best_step: int | None = None
+    best: dict[str, float] | None = None  # the validation metrics of the selected step
+    test: dict[str, float] | None = None  # test metrics on the selected parameters
+    steps_to_target: int | None = None  # first evaluated step with validation accuracy >= target
+    seconds_to_target: float | None = None  # training seconds (evaluations excluded) to that step
+    trainable_parameters: int = 0
+    model: nn.Module | None = field(default=None, repr=False)  # best parameters loaded; None if stored
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces of the loop
+# ------------------------------------------------------------------------------------------------
+class EpochSampler:
+    """Batches of ``batch_size`` indices in seeded random epoch order; the last partial batch of an
+    epoch is dropped. Its state (generator, permutation, position) is checkpointed."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} is larger than the training split ({n} examples)")
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(n, generator=self.generator)
+        self.position = 0
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.n:
+            self.order, self.position = torch.randperm(self.n, generator=self.generator), 0
+        out = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": self.order.clone(),
+                "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"].clone(), int(state["position"])
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Multiplier of ``lr`` for update ``step`` (0-based): (s+1)/(W+1) during warm-up, then
+    constant 1, linear (T-s)/(T-W) or cosine (1 + cos(pi (s-W)/(T-W)))/2."""
+    w, t = config.warmup_steps, config.steps
+    if step < w:
+        return (step + 1) / (w + 1)
+    progress = (step - w) / max(t - w, 1)
+    if config.schedule == "linear":
+        return 1.0 - progress
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits if hasattr(out, "logits") else out
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise ValueError("the model must return (n, C) logits (a tensor or an output with .logits)")
+    return logits.float()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: EncodedSplit, indices: torch.Tensor, *, batch_size: int,
+             device: torch.device, autocast: Any, num_labels: int) -> dict[str, float]:
+    """Mean cross-entropy, accuracy and macro-F1 of ``model`` on ``split[indices]`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    lengths = split.attention_mask[indices].sum(dim=1)
+    indices = indices[torch.argsort(lengths, stable=True)]  # similar lengths share a batch
+    loss_sum, predictions, labels = 0.0, [], []
+    for chunk in indices.split(batch_size):
+        batch = split.batch(chunk, device)
+        with autocast():
+            logits = _logits(model, batch)
+        loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        predictions.append(logits.argmax(-1).cpu())
+        labels.append(batch["labels"].cpu())
+    model.train(was_training)
+    pred, true = torch.cat(predictions), torch.cat(labels)
+    return {"loss": loss_sum / len(true), "accuracy": accuracy(pred, true),
+            "macro_f1": macro_f1(pred, true, num_labels), "examples": len(true)}
+
+
+def _resolve_device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} asked for but CUDA is not available; use --device cpu")
+    if device.type != "cuda" and config.mixed_precision != "no":
+        raise ValueError(f"mixed_precision={config.mixed_precision!r} needs CUDA, but the device is {device}")
+    return device
+
+
+def _load_data(config: TrainConfig) -> EncodedSplits:
+    from experiments.models import load_tokenizer
+
+    try:
+        from experiments.data import load_dataset
+        from experiments.encoding import encode_splits
+    except ImportError as exc:
+        raise ImportError("loading data by name needs experiments.data.load_dataset and "
+                          "experiments.encoding.encode_splits; pass data=EncodedSplits(...)") from exc
+    splits = load_dataset(config.dataset, seed=config.split_seed, max_examples=config.max_examples)
+    return encode_splits(splits, load_tokenizer(config.model), max_length=config.max_length)
+
+
+def _num_outputs(model: nn.Module, data: EncodedSplits, device: torch.device) -> int:
+    """C of the head (one probe forward, eval mode); labels outside [0, C) are refused."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        c = _logits(model, data.train.batch([0], device)).shape[-1]
+    model.train(was_training)
+    for name in ("train", "validation", "test"):
+        labels: torch.Tensor = getattr(data, name).labels
+        if len(labels) == 0:
+            raise ValueError(f"the {name} split is empty")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= c:
+            raise ValueError(f"{name} labels span [{low}, {high}] but the model's head has {c} outputs "
+                             f"(labels must lie in [0, {c - 1}]); build the model with num_labels={high + 1}")
+    return int(c)
+
+
+def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+
+def _better(config: TrainConfig, metrics: dict[str, float], best: dict[str, Any] | None) -> bool:
+    if best is None:
+        return True
+    key = config.select_by
+    return metrics[key] < best["metrics"][key] if key == "loss" else metrics[key] > best["metrics"][key]
+
+
+def _to_target(config: TrainConfig, rows: list[dict[str, Any]]) -> tuple[int | None, float | None]:
+    if config.target_accuracy is None:
+        return None, None
+    for row in rows:
+        if row["kind"] == "eval" and row["accuracy"] >= config.target_accuracy:
+            return int(row["step"]), float(row["train_seconds"])
+    return None, None
+
+
+def _stored_result(out: Path, config: TrainConfig, info: dict[str, Any]) -> RunResult:
+    summary = info.get("summary", {})
+    return RunResult(status=info["status"], message=info.get("message", ""), out_dir=out, config=config,
+                     rows=read_rows(out / "rows.parquet"), best_step=summary.get("best_step"),
+                     best=summary.get("best"), test=summary.get("test"),
+                     steps_to_target=summary.get("steps_to_target"),
+                     seconds_to_target=summary.get("seconds_to_target"),
+                     trainable_parameters=int(info.get("trainable_parameters", 0)))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+def train(config: TrainConfig, out_dir: str | Path, *, model: nn.Module | None = None,
+          data: EncodedSplits | None = None, callbacks: Sequence[Callback] = (),
+          progress: bool = True) -> RunResult:
+    """Train as ``config`` says, recording into ``out_dir``; resume or return a stored result.
+
+    Args:
+        config: the run.
+        out_dir: the run's folder (created). Holding a checkpoint of the same config: resume from
+            it; holding a finished (or NaN-stopped) run of the same config: return its result.
+        model: an unprepared classifier to use instead of ``load_model(config.model)`` (tests:
+            tiny generated models). It gets ``prepare(model, config.method, config.head,
+            **options)`` like a loaded one; pass a fresh one when resuming.
+        data: encoded splits to use instead of loading ``config.dataset`` (tests: hand-made).
+        callbacks: hooks, see :mod:`experiments.callbacks`; their state is checkpointed.
+        progress: a tqdm bar.
+
+    Returns:
+        :class:`RunResult`; ``status`` is "finished" or "stopped_nan" (a non-finite loss or
+        gradient norm: the run stopped there, rows so far kept, ``message`` says what happened).
+
+    Raises:
+        ValueError: ``out_dir`` holds a run of another config or data; labels outside the head's
+            range; a batch larger than the training split; CUDA or mixed precision unavailable.
+    """
+    out = Path(out_dir)
+    run_path, ckpt_path = out / "run.json", out / CHECKPOINT_NAME
+    chash = config.config_hash()
+    stored = read_json(run_path) if run_path.exists() else None
+    if stored is not None and stored.get("config_hash") != chash:
+        raise ValueError(f"{out} holds a run of another config (hash {stored.get('config_hash')}, this one "
+                         f"{chash}); choose another --out folder or delete {out} to start afresh")
+    if stored is not None and stored.get("status") in TERMINAL:
+        return _stored_result(out, config, stored)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(config)
+
+    # ---- data, model, method, optimiser: all seeded from config.seed
+    data = data if data is not None else _load_data(config)
+    if stored is not None and stored.get("data_fingerprint") not in (None, data.fingerprint):
+        raise ValueError(f"{out} holds a run on other data (fingerprint {stored['data_fingerprint']}, this "
+                         f"{data.fingerprint}); choose another --out folder or delete {out}")
+    if model is None:
+        from experiments.models import load_model
+
+        model = load_model(config.model, data.num_labels, device=device, seed=config.seed)
+    torch.manual_seed(config.seed)
+    from experiments.methods import prepare
+
+    model = prepare(model, config.method, head=config.head, **config.prepare_options()).to(device)
+    num_labels = _num_outputs(model, data, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = _optimizer(config, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
+    scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+
+    def autocast():
+        return torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+    sampler = EpochSampler(len(data.train), config.batch_size, config.seed)
+    n_val = len(data.validation)
+    if config.eval_examples is None or config.eval_examples >= n_val:
+        eval_index = torch.arange(n_val)
+    else:
+        chooser = torch.Generator().manual_seed(config.seed + 1)
+        eval_index = torch.randperm(n_val, generator=chooser)[:config.eval_examples].sort().values
+
+    # ---- fresh start or resume
+    rows: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None  # {"step", "metrics", "state"}
+    start_step, train_seconds = 0, 0.0
+    checkpoint = load_checkpoint(ckpt_path) if stored is not None and ckpt_path.exists() else None
+    if checkpoint is not None:
+        if checkpoint["config_hash"] != chash or checkpoint["data_fingerprint"] != data.fingerprint:
+            raise ValueError(f"{ckpt_path} was written for another config or data (hash "
+                             f"{checkpoint['config_hash']}, data {checkpoint['data_fingerprint']}); "
+                             f"delete it or choose another --out")
+        if len(checkpoint["callbacks"]) != len(callbacks):
+            raise ValueError(f"the checkpoint holds {len(checkpoint['callbacks'])} callback states but "
+                             f"{len(callbacks)} callbacks were given; resume with the same callbacks")
+        load_trainable_state(model, checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        for callback, cb_state in zip(callbacks, checkpoint["callbacks"], strict=True):
+            callback.load_state_dict(cb_state)
+        rows, best = list(checkpoint["rows"]), checkpoint["best"]
+        start_step, train_seconds = int(checkpoint["step"]), float(checkpoint["train_seconds"])
+    info: dict[str, Any] = {
+        "config": config.to_dict(), "config_hash": chash, "seed": config.seed,
+        "data_fingerprint": data.fingerprint, "num_labels": num_labels,
+        "trainable_parameters": n_trainable,
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "started": stored["started"] if stored else _now(),
+        "resumed_at_steps": [*(stored or {}).get("resumed_at_steps", []),
+                             *([start_step] if checkpoint is not None else [])],
+        "status": "running", **provenance(device),
+    }
+    write_json(info, run_path)
+
+    state = TrainState(config=config, model=model, optimizer=optimizer, scheduler=scheduler, data=data,
+                       device=device, out_dir=out, step=start_step, start_step=start_step, _sink=rows.append)
+    memory = MemoryProbe(device)
+    memory.reset()
+    info["baseline_memory_mb"] = memory.baseline_mb
+
+    def run_eval(step: int) -> dict[str, float]:
+        nonlocal best
+        metrics = evaluate(model, data.validation, eval_index, batch_size=config.eval_batch_size,
+                           device=device, autocast=autocast, num_labels=num_labels)
+        rows.append({"step": step, "kind": "eval", **metrics, "train_seconds": train_seconds})
+        if _better(config, metrics, best):
+            best = {"step": step, "metrics": metrics, "state": trainable_state(model)}
+        for callback in callbacks:
+            callback.on_evaluate(state, dict(metrics))
+        return metrics
+
+    def save_progress(status: str, message: str = "", summary: dict[str, Any] | None = None) -> None:
+        write_rows(rows, out / "rows.parquet")
+        info.update(status=status, message=message, updated=_now())
+        if summary is not None:
+            info["summary"] = summary
+        write_json(info, run_path)
+
+    for callback in callbacks:
+        callback.on_start(state)
+    if checkpoint is None:
+        run_eval(0)
+    if checkpoint is not None:  # the RNG as it was right after the checkpointed step
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
+    else:
+        torch.manual_seed(config.seed)
+
+    model.train()
+    status, message = "finished", ""
+    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc=config.method, leave=False)
+    try:
+        for step in range(start_step + 1, config.steps + 1):
+            t0 = time.perf_counter()
+            batch = data.train.batch(sampler.next(), device)
+            with autocast():
+                loss = F.cross_entropy(_logits(model, batch), batch["labels"])
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                status, message = "stopped_nan", f"loss became {loss_value} at step {step}; try a lower lr"
+                rows.append({"step": step, "kind": "nan", "loss": loss_value, "message": message})
+                break
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip_norm or math.inf))
+            if scaler is None and not math.isfinite(grad_norm):
+                status = "stopped_nan"
+                message = f"gradient norm became {grad_norm} at step {step}; try a lower lr"
+                rows.append({"step": step, "kind": "nan", "loss": loss_value, "message": message})
+                break
+            lr = optimizer.param_groups[0]["lr"]
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            state.step = step
+            rows.append({"step": step, "kind": "train", "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                         "seconds": seconds, "train_seconds": train_seconds,
+                         "tokens_per_s": float(batch["attention_mask"].sum()) / seconds,
+                         "peak_memory_mb": memory.peak_mb()})
+            for callback in callbacks:
+                callback.on_batch_end(state, batch, loss_value)
+            bar.update(1)
+            if step % config.eval_every == 0 or step == config.steps:
+                metrics = run_eval(step)
+                bar.set_postfix(loss=f"{loss_value:.3f}", val_acc=f"{metrics['accuracy']:.3f}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                save_checkpoint(ckpt_path, {
+                    "config_hash": chash, "data_fingerprint": data.fingerprint, "step": step,
+                    "train_seconds": train_seconds, "model": trainable_state(model),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "rows": rows, "best": best, "callbacks": [c.state_dict() for c in callbacks],
+                })
+                save_progress("running")
+    except BaseException as exc:  # keep what was recorded; the next call resumes from the checkpoint
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        save_progress("interrupted" if interrupted else "failed",
+                      f"{'interrupted' if interrupted else f'failed ({type(exc).__name__}: {exc})'} after "
+                      f"step {state.step}; run again to resume from the last checkpoint")
+        raise
+    finally:
+        bar.close()
+
+    for callback in callbacks:  # the model still holds the parameters of the last step
+        callback.on_end(state)
+
+    # ---- test on the parameters chosen by validation
+    test = None
+    if status == "finished":
+        assert best is not None
+        load_trainable_state(model, best["state"])
+        test_metrics = evaluate(model, data.test, torch.arange(len(data.test)),
+                                batch_size=config.eval_batch_size, device=device, autocast=autocast,
+                                num_labels=num_labels)
+        test = {k: float(v) for k, v in test_metrics.items()}
+        rows.append({"step": best["step"], "kind": "test", **test_metrics, "selected_by": config.select_by})
+        if config.save_best:
+            from safetensors.torch import save_file
+
+            tmp = out / ".best.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in best["state"].items()}, str(tmp))
+            tmp.replace(out / "best.safetensors")
+        message = (f"finished {config.steps} steps; validation {config.select_by} "
+                   f"{best['metrics'][config.select_by]:.4f} at step {best['step']}; test accuracy "
+                   f"{test['accuracy']:.4f}")
+    steps_to_target, seconds_to_target = _to_target(config, rows)
+    best_step = int(best["step"]) if best else None
+    best_metrics = {k: float(v) for k, v in best["metrics"].items()} if best else None
+    summary = {"best_step": best_step, "best": best_metrics, "test": test, "steps_to_target": steps_to_target,
+               "seconds_to_target": seconds_to_target, "train_seconds": train_seconds}
+    info["ended"] = _now()
+    save_progress(status, message, summary)
+    ckpt_path.unlink(missing_ok=True)
+    return RunResult(status=status, message=message, out_dir=out, config=config,
+                     rows=read_rows(out / "rows.parquet"), best_step=best_step, best=best_metrics,
+                     test=test, steps_to_target=steps_to_target, seconds_to_target=seconds_to_target,
+                     trainable_parameters=n_trainable, model=model)
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _optional(convert):
+    def parse(text: str):
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = convert.__name__  # argparse names the type in its error messages
+    return parse
+
+
+_ARG_TYPES = {"int": int, "float": float, "str": str, "int | None": _optional(int),
+              "float | None": _optional(float)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per :class:`TrainConfig` field (``--eval-every``), plus ``--out`` and ``--option``."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="the run's folder (resumed when it holds this config)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option (value parsed as JSON when it parses), repeatable")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(TrainConfig):
+        flag, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default {f.default})"
+        if f.name == "method_options":
+            continue
+        if f.name == "betas":
+            parser.add_argument(flag, type=float, nargs=2, default=f.default, help=help_text)
+        elif f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=_ARG_TYPES[str(f.type)], default=f.default, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if f.name != "method_options"}
+    try:
+        options = []
+        for item in args.option:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
+            options.append((key, _parse_value(value)))
+        config = TrainConfig(**values, method_options=tuple(options))
+        result = train(config, args.out, progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{result.status}: {result.message}")
+    print(f"rows: {result.out_dir / 'rows.parquet'}; provenance: {result.out_dir / 'run.json'}")
+    if result.steps_to_target is not None:
+        print(f"validation accuracy >= {config.target_accuracy} first at step {result.steps_to_target} "
+              f"({result.seconds_to_target:.1f} s of training)")
+    return 0 if result.status == "finished" else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
