@@ -130,6 +130,8 @@ class TrainConfig:
     select_by: str = field(default="accuracy", metadata={
         "help": "validation metric choosing the tested parameters: accuracy, macro_f1 or loss"})
     save_best: bool = field(default=True, metadata={"help": "write best.safetensors at the end"})
+    dropout: float | None = field(default=None, metadata={
+        "help": "set every nn.Dropout's p to this (0: off, e.g. for linearisation studies); None: model's"})
 
     def __post_init__(self) -> None:
         from experiments.data import DATASETS
@@ -174,6 +176,8 @@ class TrainConfig:
                              f"{self.momentum}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be None or in [0, 1), got {self.dropout}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be None or > 0, got {self.clip_norm}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
@@ -446,6 +450,10 @@ def train(config: TrainConfig, out_dir: str | Path, *, model: nn.Module | None =
     from experiments.methods import prepare
 
     model = prepare(model, config.method, head=config.head, **config.prepare_options()).to(device)
+    if config.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = config.dropout
     num_labels = _num_outputs(model, data, device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)

@@ -340,3 +340,11 @@ def test_smoke_every_method_on_minilm(tmp_path, minilm_slice, method, options, l
     assert result.model is not None
     trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
     assert 0 < result.trainable_parameters == trainable
+
+
+def test_dropout_option_sets_every_dropout(tmp_path):
+    result = train(toy_config(steps=2, dropout=0.0), tmp_path / "run", model=BagClassifier(), data=toy_data(),
+                   progress=False)
+    assert result.model is not None and result.model.drop.p == 0.0
+    with pytest.raises(ValueError, match="dropout must be None or in"):
+        toy_config(dropout=1.0)
