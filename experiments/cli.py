@@ -3,6 +3,7 @@
     propulsion-ntk info                         versions, devices, offline resources
     propulsion-ntk count [--model roberta-base] parameter table for Propulsion configs
     propulsion-ntk demo  [--steps 120]           wrap, train, save, reload, merge MiniLM
+    propulsion-ntk train --out DIR [--method lora ...]  one fine-tuning run (train --help: every flag)
     propulsion-ntk list                         experiments of the suite, their claims and presets
     propulsion-ntk run NAME|all --preset quick  run (or resume) experiments into --out (runs/suite)
     propulsion-ntk figures                      redraw every figure from saved results (figures/)
@@ -151,6 +152,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from experiments.train import main as train_main
+
+    return train_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="propulsion-ntk", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
 
+    fine_tune = sub.add_parser("train", add_help=False,
+                               help="one fine-tuning run, any method (`train --help` lists every flag)")
+    fine_tune.add_argument("rest", nargs=argparse.REMAINDER)
+    fine_tune.set_defaults(func=cmd_train)
+
     listing = sub.add_parser("list", help="experiments of the suite, their claims and presets")
     listing.set_defaults(func=cmd_list)
     run = sub.add_parser("run", help="run or resume experiments (finished units are reused)")
@@ -204,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # every flag belongs to the trainer's own parser, --help included
+        return cmd_train(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

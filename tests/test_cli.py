@@ -103,3 +103,11 @@ def test_cuda_on_a_machine_without_it(tmp_path, capsys, monkeypatch):
     assert cli.main(["run", "e7", "--preset", "tiny", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_train_subcommand_hands_every_flag_to_the_trainer(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "--eval-every" in capsys.readouterr().out
+    assert cli.main(["train", "--out", "unused", "--lr", "-1"]) == 2
+    assert "lr must be a positive" in capsys.readouterr().err
