@@ -4,6 +4,7 @@
     propulsion-ntk count [--model roberta-base] parameter table for Propulsion configs
     propulsion-ntk demo  [--steps 120]           wrap, train, save, reload, merge MiniLM
     propulsion-ntk train --out DIR [--method lora ...]  one fine-tuning run (train --help: every flag)
+    propulsion-ntk kernel --model minilm --n 512  a kernel as resumable tiles (torchrun: several ranks)
     propulsion-ntk list                         experiments of the suite, their claims and presets
     propulsion-ntk run NAME|all --preset quick  run (or resume) experiments into --out (runs/suite)
     propulsion-ntk figures                      redraw every figure from saved results (figures/)
@@ -122,6 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"--set: no experiment in {names} has the field(s) {unknown}")
+    if args.sweep:
+        return _run_sweep(args, names, overrides)
     for name in names:
         module = EXPERIMENTS[name]
         mine = {k: v for k, v in overrides.items() if args.name != "all" or k in module.Config.field_help()}
@@ -131,6 +134,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {len(store.reused)} unit(s) reused, {len(store.computed)} computed -> {store.dir}")
         for v in module.verdicts(store, store.config):
             print(f"  {v.claim}: {v.verdict} (value {v.value:.4g}; {v.threshold})")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace, names: list[str], overrides: dict[str, str]) -> int:
+    """Independent runs of one experiment over the cartesian product of ``--sweep`` values, spread
+    over torchrun ranks or ``--workers`` local processes, each resumable, gathered in one table."""
+    from experiments.suite import EXPERIMENTS, sweep_unit
+    from experiments.sweep import parse_sweep, run_sweep
+
+    if args.name == "all" or len(names) != 1:
+        raise ValueError("--sweep runs one experiment; name it instead of 'all'")
+    fields = EXPERIMENTS[names[0]].Config.field_help()
+    grid = parse_sweep(args.sweep)
+    unknown = sorted({k for unit in grid for k in unit} - set(fields))
+    if unknown:
+        raise ValueError(f"--sweep: {names[0]} has no field(s) {unknown}; known: {sorted(fields)}")
+    units = [{"experiment": names[0], "preset": args.preset, "device": args.device, **overrides, **unit}
+             for unit in grid]
+    out = Path(args.out) / f"sweep-{names[0]}"
+    table = run_sweep(units, sweep_unit, out, local_workers=args.workers)
+    print(f"{len(units)} run(s) of {names[0]} -> {out / 'results.parquet'}")
+    swept = [k for k in grid[0]]
+    print(table[[*swept, "claim", "verdict", "value"]].to_string(index=False))
     return 0
 
 
@@ -185,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
 
+    from experiments.kernel_job import add_kernel_parser
+
+    add_kernel_parser(sub)
+
     fine_tune = sub.add_parser("train", add_help=False,
                                help="one fine-tuning run, any method (`train --help` lists every flag)")
     fine_tune.add_argument("rest", nargs=argparse.REMAINDER)
@@ -202,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                      help="override config fields, e.g. --set n_points=512 models=roberta-base,llama-7b")
+    run.add_argument("--sweep", nargs="*", metavar="KEY=V1,V2",
+                     help="independent runs over the product of these values (one experiment), "
+                          "spread over torchrun ranks or --workers processes; e.g. --sweep seed=0,1,2")
+    run.add_argument("--workers", type=int, default=1, help="local processes for --sweep without torchrun")
     run.set_defaults(func=cmd_run)
     figures = sub.add_parser("figures", help="redraw every figure from saved results (never recomputes)")
     figures.add_argument("--results", default="runs/suite")

@@ -10,7 +10,7 @@ kernel predictors.
     torch.Size([4, 4])
 """
 
-from ntk import metrics, predict
+from ntk import metrics, predict, tiles
 from ntk._handlers import StructuredError, register_handler
 from ntk._inputs import InputError
 from ntk._memory import KernelTooLargeError, default_budget
@@ -18,6 +18,7 @@ from ntk._params import SELECTORS, ParameterSelectionError, select_parameters
 from ntk._problem import OUTPUTS, KernelOutputError
 from ntk.empirical import METHODS, empirical_ntk
 from ntk.kernels import kernels, structured_ntk
+from ntk.tiles import TileError, assemble_kernel, compute_tiles, tiled_ntk
 
 __all__ = [
     # kernels
@@ -30,6 +31,11 @@ __all__ = [
     # metrics and kernel predictors (modules)
     "metrics",
     "predict",
+    # tiled kernels on disk, over torch.distributed ranks (module and entry points)
+    "tiles",
+    "compute_tiles",
+    "assemble_kernel",
+    "tiled_ntk",
     # parameter selection
     "SELECTORS",
     "select_parameters",
@@ -41,4 +47,5 @@ __all__ = [
     "KernelTooLargeError",
     "ParameterSelectionError",
     "StructuredError",
+    "TileError",
 ]

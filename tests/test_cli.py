@@ -111,3 +111,19 @@ def test_train_subcommand_hands_every_flag_to_the_trainer(capsys):
     assert "--eval-every" in capsys.readouterr().out
     assert cli.main(["train", "--out", "unused", "--lr", "-1"]) == 2
     assert "lr must be a positive" in capsys.readouterr().err
+
+
+def test_run_sweep_gathers_one_table_and_resumes(tmp_path, capsys):
+    import pandas as pd
+
+    argv = ["run", "e7", "--preset", "tiny", "--out", str(tmp_path), "--sweep", "lora_r=4,8"]
+    assert cli.main(argv) == 0
+    table = pd.read_parquet(tmp_path / "sweep-e7_parameter_counts" / "results.parquet")
+    assert sorted(table["lora_r"].unique()) == [4, 8] and set(table["verdict"]) <= {
+        "supported", "not supported", "inconclusive"}
+    units = sorted((tmp_path / "sweep-e7_parameter_counts" / "units").glob("*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in units]
+    assert cli.main(argv) == 0  # finished units are reused, not recomputed
+    assert [p.stat().st_mtime_ns for p in units] == stamps
+    assert cli.main(["run", "e7", "--preset", "tiny", "--out", str(tmp_path), "--sweep", "nope=1,2"]) == 2
+    assert "has no field(s) ['nope']" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from typing import Any
 from experiments.suite.base import ExperimentConfig, MissingResultError, Store
 
 __all__ = ["EXPERIMENTS", "PRESET_NAMES", "get_experiment", "run_experiment", "draw_figures",
-           "write_report", "open_results"]
+           "write_report", "open_results", "sweep_unit"]
 
 PRESET_NAMES = ("tiny", "quick", "full")
 _REQUIRED = ("NAME", "TITLE", "CLAIMS", "Config", "PRESETS", "main", "figures", "verdicts")
@@ -131,3 +131,30 @@ def write_report(results_dir: str | Path = "runs/suite", out_path: str | Path = 
     from experiments.suite.report import write_report as _write
 
     return _write(results_dir, out_path, fig_dir=fig_dir)
+
+
+SWEEP_KEYS = ("experiment", "preset", "device")  # what a sweep unit says besides config overrides
+
+
+def sweep_unit(unit: dict[str, Any], workdir: Path) -> Any:
+    """One unit of ``propulsion-ntk run NAME --sweep ...``: run the experiment with the unit's
+    overrides into ``workdir`` (resumable there) and return its verdicts as a table, one row per
+    verdict, with the overrides as columns. ``unit`` holds ``experiment``, ``preset``,
+    ``device`` and the swept config fields (see :func:`experiments.sweep.run_sweep`)."""
+    import pandas as pd
+
+    overrides = {k: v for k, v in unit.items() if k not in SWEEP_KEYS}
+    store = run_experiment(unit["experiment"], unit["preset"], out=workdir, device=unit.get("device"),
+                           overrides={k: v if isinstance(v, str) else _text(v) for k, v in overrides.items()})
+    module = get_experiment(unit["experiment"])
+    rows = [{**overrides, "experiment": module.NAME, "claim": v.claim, "verdict": v.verdict,
+             "value": v.value, "measurement": v.measurement, "results": str(store.dir)}
+            for v in module.verdicts(store, store.config)]
+    return pd.DataFrame(rows)
+
+
+def _text(value: Any) -> str:
+    """A swept value as the text ``--set`` takes (lists as comma-separated items)."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
