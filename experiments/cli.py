@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("MPLBACKEND", "Agg")  # figures are files; no window, no display needed
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # every flag belongs to the trainer's own parser, --help included
         return cmd_train(argparse.Namespace(rest=argv[1:]))

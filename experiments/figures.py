@@ -17,11 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # backend: the user's (inline in Jupyter); the CLI sets Agg
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -154,7 +150,7 @@ def heatmap_triplet(K_F: Any, K_P: Any, axes: Sequence[Axes] | None = None, *,
     diff = na - nb
     dmax = float(np.abs(diff).max()) or 1.0
     im = axes[2].imshow(diff, cmap="PuOr", vmin=-dmax, vmax=dmax, interpolation="nearest")
-    axes[2].set_title("difference of the normalised kernels")
+    axes[2].set_title("difference (normalised)")
     axes[2].grid(False)
     fig.colorbar(im, ax=axes[2], shrink=0.8)
     fig.supxlabel(f"CKA {scores['cka']:.3f}   cosine {scores['cosine']:.3f}   "
