@@ -18,7 +18,9 @@ For a tile of ``n`` examples the engine runs
 
 Kernel blocks between two tiles are then contracted per parameter tensor. Every parameter set
 of :func:`structured_kernels` shares the captures: one forward and backward per tile serve
-all sets. With ``x2=None`` only tile pairs on and above the diagonal are contracted.
+all sets. With ``x2=None`` only tile pairs on and above the diagonal are contracted, and a
+diagonal tile pair (the same features twice) contracts only row chunks against the columns
+from their own start, mirrored (about half the work).
 
 A module whose output has batch size 1 while the tile has ``n > 1`` examples (e.g. position
 embeddings applied to ``arange(T)[None]`` and broadcast in an addition) is treated as applied
@@ -35,6 +37,7 @@ they fit in half the budget, otherwise tiles are re-captured when needed.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -70,6 +73,11 @@ __all__ = ["Assignment", "assign", "capture", "structured_kernels"]
 
 GiB = 2**30
 PROBE_EXAMPLES = 4
+LAST_STATS: dict[str, Any] = {}
+"""Timings of the last :func:`structured_kernels` call (for benchmarks): ``tile``,
+``tile_pairs``, ``captures`` (forward and backward passes over a tile), ``keep_all``,
+``setup_seconds`` (probe), ``capture_seconds`` (captures and features), ``contract_seconds``,
+and the process CPU seconds of the last two (``capture_cpu_seconds``, ``contract_cpu_seconds``)."""
 
 
 @dataclass(frozen=True)
@@ -399,24 +407,26 @@ def structured_kernels(
         with torch.no_grad():
             return [a.handler.prepare(a.module, calls, n, a.names, dtype) for a in assignments]
 
+    captures = [0]
+
     def features(which: int, start: int, stop: int) -> list[Any]:
+        captures[0] += 1
         calls, _ = capture(model, assignments, take(inputs[which], start, stop), stop - start,
                            fn, sum_logits, modes)
         return prepare(calls, stop - start)
 
+    started = time.perf_counter()
     with _kernel_mode(model):
         probe_n = min(PROBE_EXAMPLES, n1)
         found, probe_calls, n_out = _choose_modes(model, assignments, take(inputs[1], 0, probe_n),
                                                   probe_n, fn, sum_logits)
         modes.update(found)
-        # Per example of a tile: its features, about as much again for the capture's graph,
-        # and the transient per-example gradients of the largest materialised Linear weight.
+        # Per example of a tile: its features and about as much again for the capture's graph
+        # (contraction intermediates, materialised per-example gradients included, are
+        # chunked to CHUNK_ELEMENTS entries: ``work`` below).
         features_pe = max(1, _nbytes(prepare(probe_calls, probe_n))) / probe_n
         del probe_calls
-        acc_bytes = torch.empty((), dtype=dtype).element_size()
-        linear = [a.module.weight.numel() for a in assignments
-                  if isinstance(a.module, nn.Linear) and "weight" in a.names]
-        per_example = 2 * features_pe + n_out * max(linear, default=0) * acc_bytes
+        per_example = 2 * features_pe
         q = {"full": n_out * n_out, "diagonal": n_out, "trace": 1}[layout]
         acc = torch.empty((), dtype=dtype).element_size()
         n_blocks = sum(len(v) for v in sets.values()) if per_layer else len(sets)
@@ -457,16 +467,29 @@ def structured_kernels(
             for s, names in sets.items()
         }
         membership = {n: [s for s, names in sets.items() if n in names] for n in selected}
+        t_capture_start = time.perf_counter() - started
         pairs = [(c, r) for c, rows in tile_pairs(n1, n2, tile, symmetric) for r in rows]
         bar = _progress(len(pairs), progress)
+        clock, cpu = time.perf_counter, time.process_time
+        t_capture = t_contract = cpu_capture = cpu_contract = 0.0
+        captures_before = captures[0]
         for (c0, c1), (r0, r1) in pairs:
+            t0, u0 = clock(), cpu()
             frow = get(1, (r0, r1))
             fcol = get(1 if symmetric else 2, (c0, c1))
+            t1, u1 = clock(), cpu()
             for a, fr, fc in zip(assignments, frow, fcol, strict=True):
                 _contract(a, fr, fc, layout, strategy, results, membership, per_layer,
                           symmetric, (r0, r1), (c0, c1))
+            t_capture, cpu_capture = t_capture + t1 - t0, cpu_capture + u1 - u0
+            t_contract, cpu_contract = t_contract + clock() - t1, cpu_contract + cpu() - u1
             bar.update(1)
         bar.close()
+        LAST_STATS.clear()
+        LAST_STATS.update(tile=tile, tile_pairs=len(pairs), captures=captures[0] - captures_before,
+                          keep_all=keep_all, capture_seconds=t_capture,
+                          contract_seconds=t_contract, setup_seconds=t_capture_start,
+                          capture_cpu_seconds=cpu_capture, contract_cpu_seconds=cpu_contract)
     out: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {}
     for s, blocks in results.items():
         if sum_logits:

@@ -60,9 +60,11 @@ def kernels(
         strategy: for ``nn.Linear`` weights: ``"ghost"`` (Gram matrices over tokens),
             ``"materialise"`` (per-example gradients) or ``"auto"``, which picks per layer and
             tile pair the cheaper by :func:`ntk._handlers.linear_costs`:
-            ghost ``n1 n2 T1 T2 (d_in + q d_out + q)`` against materialise
-            ``C (n1 T1 + n2 T2) d_in d_out + q n1 n2 d_in d_out`` flops, q = C^2 for ``full``
-            and C otherwise.
+            ghost ``s R1 R2 (d_in + q d_out + q)`` against materialise
+            ``2.2 (C (n1 max(T1, 8) + n2 max(T2, 8)) d_in d_out + s q n1 n2 d_in d_out)``,
+            with ``R`` the token rows of a tile that carry a back-signal, ``q = C^2`` for
+            ``full`` and C otherwise, ``s = 1/2`` on the diagonal tiles of ``x2=None``
+            (constants fitted to measured times on CPU).
         progress: show a progress bar over tile pairs.
         output_fn: maps the model output to (N, C) (default ``.logits`` or the output).
 

@@ -146,6 +146,93 @@ def test_cost_rule_prefers_ghost_short_and_materialise_long():
     assert long["materialise"] < long["ghost"]
 
 
+def test_cost_rule_symmetry_and_kept_rows():
+    base = linear_costs(8, 8, 16, 16, 32, 32, 2, "trace")
+    same = linear_costs(8, 8, 16, 16, 32, 32, 2, "trace", same=True)
+    packed = linear_costs(8, 8, 16, 16, 32, 32, 2, "trace", rows=(64, 64))
+    assert same["ghost"] == pytest.approx(base["ghost"] / 2)
+    assert same["materialise"] < base["materialise"]
+    assert packed["ghost"] == pytest.approx(base["ghost"] / 4)
+    assert packed["materialise"] == base["materialise"]
+
+
+# -- fast paths: one tile used twice, dropped tokens, shared bias Gram --------------------------
+
+
+def _explicit_copy(x):
+    return {k: v.clone() for k, v in x.items()} if isinstance(x, dict) else x.clone()
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialise"])
+@pytest.mark.parametrize("case_id", ["mlp", "transformer"])
+def test_symmetric_tile_path_equals_explicit_x2_and_reference(monkeypatch, case_id, strategy,
+                                                              output):
+    """x2=None takes the one-tile path (row chunks against the columns from their own start,
+    mirrored); with SYM_BLOCK = 1 every chunk is one row, so the mirroring is exercised. It must
+    equal x2 = a copy of x1 (the two-tile path, no symmetry used) and the reference."""
+    import ntk._handlers as handlers
+
+    monkeypatch.setattr(handlers, "SYM_BLOCK", 1)
+    case = next(c for c in CASES if c.id == case_id)
+    model = case.build(0)
+    x = case.inputs(6, 4)
+    total, blocks = reference(model, x, output=output)
+    sym = structured_ntk(model, x, params="all", output=output, strategy=strategy,
+                         per_layer=True)
+    two = structured_ntk(model, x, _explicit_copy(x), params="all", output=output,
+                         strategy=strategy, per_layer=True)
+    assert_blocks(sym, blocks, total)
+    assert_blocks(two, blocks, total)
+
+
+def test_pack_drops_tokens_without_back_signal_exactly():
+    from ntk._handlers import _pack, _padded, _per_example
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, 4, dtype=torch.float64, generator=g)
+    grad = torch.randn(2, 3, 6, 5, dtype=torch.float64, generator=g)
+    live = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1], [1, 1, 1, 0, 1, 0]]).bool()
+    grad = grad * live[None, :, :, None]
+    grad[1, 0, 1, 2] = 1.5  # non-zero for one output only: kept
+    f = _pack(x, grad)
+    assert f.x.shape[0] == int(live.sum()) + 1 and f.t == 4 and not f.dense
+    xp, gp = _padded(f)
+    want = torch.einsum("cntj,nti->ncji", grad, x).reshape(3, 2, -1)
+    assert_close_rel(_per_example(xp, gp), want, TOL)
+
+
+def test_padding_tokens_are_dropped_in_a_masked_transformer():
+    import ntk._structured as engine
+    from ntk._handlers import LinearHandler
+
+    model = TinyTransformer().double().eval()
+    x = CASES[1].inputs(4, 0)
+    assignments = engine.assign(model, [n for n, _ in model.named_parameters()])
+    fn = lambda out: out  # noqa: E731
+    calls, _ = engine.capture(model, assignments, x, 4, fn, False)
+    up = next(a for a in assignments if a.module is model.up)
+    f = LinearHandler().prepare(model.up, calls, 4, ("weight", "bias"), torch.float64)
+    assert f.x.shape[0] == int(x["attention_mask"].sum()) < 4 * x["input_ids"].shape[1]
+    assert up.handler is not None
+
+
+@pytest.mark.parametrize("sparse_cost", [0.0, 1.0, 1e9])
+@pytest.mark.parametrize("output", ["full", "trace"])
+def test_embedding_dense_and_sparse_ids_agree_with_reference(monkeypatch, sparse_cost, output):
+    """SPARSE_COST 0: every id by equal-id pairs; 1e9: every id dense; 1: a mix."""
+    import ntk._handlers as handlers
+
+    monkeypatch.setattr(handlers, "SPARSE_COST", sparse_cost)
+    model = TinyTransformer().double().eval()
+    x1, x2 = CASES[1].inputs(6, 0), CASES[1].inputs(4, 1)
+    names = ["embed.weight", "pos.weight"]
+    for other in (None, x2):
+        total, blocks = reference(model, x1, other, params=names, output=output)
+        got = structured_ntk(model, x1, other, params=names, output=output, per_layer=True)
+        assert_blocks(got, blocks, total)
+
+
 # -- Propulsion, LoRA ---------------------------------------------------------------------------
 
 
