@@ -781,7 +781,7 @@ class FallbackHandler(_VectorHandler):
         own = calls.get(module, [])
         if not own:
             return None
-        own_params = dict(module.named_parameters(recurse=False))
+        own_params = dict(module.named_parameters())  # names may be nested (``ia3_l.default``)
         theta = {k: own_params[k].detach().requires_grad_(True) for k in names}
         assert own[0].grad is not None
         c = own[0].grad.shape[0]

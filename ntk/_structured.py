@@ -97,6 +97,49 @@ class Assignment:
     full: Mapping[str, str]
 
 
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList, nn.ModuleDict, nn.ModuleList)
+
+
+def _caller_of(modules: Mapping[str, nn.Module], mname: str, local: str) -> tuple[nn.Module, str, str]:
+    """The module that uses a parameter: its owner, or, when the owner is a container that is
+    never called (peft keeps IA3's vectors in an ``nn.ParameterDict``), the nearest ancestor that
+    is not one, with the local name extended by the path (``ia3_l.default``)."""
+    while mname and isinstance(modules[mname], _CONTAINERS):
+        parent, _, child = mname.rpartition(".")
+        mname, local = parent, f"{child}.{local}"
+    return modules[mname], mname, local
+
+
+def _check_uncalled(model: nn.Module, assignments: list[Assignment], calls: Mapping[nn.Module, list[Any]],
+                    x: Inputs, fn: Callable[[Any], torch.Tensor]) -> None:
+    """Refuse parameters whose module was never called yet which move the outputs.
+
+    A module that is not called contributes zero blocks, which is right only if its selected
+    parameters do not influence the outputs at all; a parameter read directly by another module
+    (``nn.MultiheadAttention`` reads its projections' weights) would silently get zero. One
+    forward and backward on the probe examples tells the two apart.
+
+    Raises:
+        StructuredError: such a parameter has a nonzero gradient (``auto`` then falls back).
+    """
+    idle = [a for a in assignments if not any(calls.get(m) for m, _ in a.handler.hooks(a.module))]
+    if not idle:
+        return
+    named = dict(model.named_parameters())
+    theta = {full: named[full].detach().requires_grad_(True) for a in idle for full in a.full.values()}
+    with torch.enable_grad():
+        f = fn(call_model(model, theta, x))
+        weights = torch.randn(f.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        grads = torch.autograd.grad((f * weights.to(f)).sum(), list(theta.values()), allow_unused=True)
+    moved = [name for name, g in zip(theta, grads, strict=True) if g is not None and bool(g.abs().max() > 0)]
+    if moved:
+        raise StructuredError(
+            f"parameters {moved[:5]}{' ...' if len(moved) > 5 else ''} change the outputs but their "
+            "modules are never called in the forward (another module reads them directly), so the "
+            "structured engine cannot attribute their gradients; use method='jacobian' or 'ntk_vp'"
+        )
+
+
 def assign(model: nn.Module, selected: list[str]) -> list[Assignment]:
     """Attribute every selected parameter to exactly one (module, handler).
 
@@ -107,10 +150,11 @@ def assign(model: nn.Module, selected: list[str]) -> list[Assignment]:
     named = dict(model.named_parameters())
     wanted = {id(named[n]): n for n in selected}
     owners: dict[str, list[tuple[nn.Module, str, str]]] = {n: [] for n in selected}
-    for mname, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for mname, module in modules.items():
         for local, p in module.named_parameters(recurse=False):
             if id(p) in wanted:
-                owners[wanted[id(p)]].append((module, mname, local))
+                owners[wanted[id(p)]].append(_caller_of(modules, mname, local))
     bad = {n: [f"{m}.{loc}" if m else loc for _, m, loc in o] for n, o in owners.items()
            if len(o) != 1}
     if bad:
@@ -421,6 +465,7 @@ def structured_kernels(
         found, probe_calls, n_out = _choose_modes(model, assignments, take(inputs[1], 0, probe_n),
                                                   probe_n, fn, sum_logits)
         modes.update(found)
+        _check_uncalled(model, assignments, probe_calls, take(inputs[1], 0, probe_n), fn)
         # Per example of a tile: its features and about as much again for the capture's graph
         # (contraction intermediates, materialised per-example gradients included, are
         # chunked to CHUNK_ELEMENTS entries: ``work`` below).

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 from zoo import CASE_IDS, CASES, MLP, TinyTransformer
 
+from ntk import empirical_ntk
 from ntk._handlers import StructuredError, linear_costs
 from ntk._params import select_parameters
 from ntk.kernels import kernels, structured_ntk
@@ -388,3 +389,48 @@ def test_minilm_few_sentences_float64(minilm_path, minilm_tokenizer):
     total, blocks = reference(model, x, params="all", output="full")
     got = structured_ntk(model, x, params="all", per_layer=True)
     assert_blocks(got, blocks, total)
+
+
+class _ReadsWeightDirectly(nn.Module):
+    """``lin`` is never called: its weight is read by the parent (like nn.MultiheadAttention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.out = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(x @ self.lin.weight.T + self.lin.bias))
+
+
+def test_parameters_of_an_uncalled_module_are_refused_not_zeroed():
+    torch.manual_seed(0)
+    net = _ReadsWeightDirectly().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(StructuredError, match="never called"):
+        empirical_ntk(net, x, params="all", method="structured")
+    reference = empirical_ntk(net, x, params="all", method="jacobian")
+    assert_close_rel(empirical_ntk(net, x, params="all", method="auto"), reference, RTOL[torch.float64])
+
+
+def test_peft_ia3_vectors_in_a_parameter_dict_get_their_kernel():
+    """peft keeps IA3's vectors in an nn.ParameterDict that is never called: the engine must
+    attribute them to the IA3 layer (it once returned an all-zero kernel here)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from experiments.methods import prepare
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16, num_labels=2)
+    model = prepare(BertForSequenceClassification(config).double().eval(), "ia3", head="frozen")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    x = {"input_ids": torch.randint(0, 40, (3, 5)), "attention_mask": torch.ones(3, 5, dtype=torch.long)}
+    for output in ("full", "trace"):
+        reference = empirical_ntk(model, x, params="trainable", output=output, method="jacobian")
+        structured = empirical_ntk(model, x, params="trainable", output=output, method="structured")
+        assert reference.abs().max() > 0
+        assert_close_rel(structured, reference, RTOL[torch.float64])
