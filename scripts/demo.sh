@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: sets up the environment, then runs it on the embedded offline default.
+# The end-to-end demo: sets up the environment, then wraps, trains, saves, reloads and merges MiniLM.
 #   bash scripts/demo.sh [ARGS...]   extra arguments go to `propulsion-ntk demo`
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

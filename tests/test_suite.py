@@ -32,6 +32,8 @@ class Cfg(ExperimentConfig):
     widths: tuple[int, ...] = (8, 16)
     flag: bool = False
     ratio: float | None = None
+    support_min: float = 0.9  # verdict thresholds: out of the hash
+    refute_max: float = 0.5
 
 
 # ---------------------------------------------------------------------------- configs -----
@@ -49,7 +51,17 @@ def test_config_replace_parses_strings_and_rejects_unknown_fields():
     assert Cfg.field_help()["n"] == "a size"
 
 
-def test_config_hash_is_stable_and_ignores_only_the_device():
+def test_thresholds_judge_saved_results_without_recomputing(tmp_path):
+    store = Store(tmp_path, "exp", Cfg())
+    store.save_table("u", pd.DataFrame({"x": [1]}))
+    assert Cfg().config_hash("x") == Cfg(support_min=0.5, refute_max=0.1).config_hash("x")
+    stricter = Store(tmp_path, "exp", Cfg(support_min=0.99))
+    assert stricter.reused == ["u"] and stricter.computed == []
+    reopened = Store.open_existing(tmp_path, "exp", Cfg)  # the latest thresholds are recorded
+    assert reopened.config.support_min == 0.99
+
+
+def test_config_hash_is_stable_and_ignores_the_device():
     a = Cfg()
     assert a.config_hash("x") == Cfg().config_hash("x") != a.config_hash("y")
     assert a.config_hash("x") == a.replace(device="auto").config_hash("x")

@@ -112,3 +112,38 @@ def test_e5_verdicts_follow_accuracy_and_memory(prop_test, prop_peak, expected, 
     by_claim = {v.claim: v for v in e5.verdicts(None, config)}
     assert (by_claim["accuracy"].verdict, by_claim["memory"].verdict) == expected
     assert by_claim["convergence"].verdict == "supported"  # both reach the target at the same step
+
+
+@pytest.mark.parametrize(("tuned", "kernel", "expected"), [
+    (0.80, 0.79, "supported"), (0.80, 0.60, "not supported"), (0.55, 0.55, "inconclusive"),
+])
+def test_e6_verdict_needs_a_run_that_learned(tuned, kernel, expected, monkeypatch):
+    e6 = get_experiment("e6")
+    table = pd.DataFrame({"method_name": ["full", "propulsion"], "kernel_accuracy": [0.7, kernel],
+                          "finetuned_accuracy": [0.75, tuned]})
+    table["gap"] = (table["kernel_accuracy"] - table["finetuned_accuracy"]).abs()
+    monkeypatch.setattr(e6, "comparison", lambda store, cfg: table)
+    [verdict] = e6.verdicts(None, e6.PRESETS["quick"])
+    assert verdict.verdict == expected
+
+
+@pytest.mark.realmodel
+def test_isolated_run_trains_in_another_process(tmp_path, monkeypatch):
+    """e5 trains each run in a fresh process on a CPU (its RSS peak is its own); the parent only
+    reads the stored result, so a parent whose model loader fails still gets the rows."""
+    import experiments.models
+    from experiments.suite._training import run_training
+    from experiments.suite.base import ExperimentConfig, Store
+    from experiments.train import TrainConfig
+
+    def no_loading_here(*args, **kwargs):
+        raise AssertionError("the parent process loaded a model")
+
+    monkeypatch.setattr(experiments.models, "load_model", no_loading_here)
+    monkeypatch.setenv("PROPULSION_NTK_CACHE", str(tmp_path / "cache"))
+    store = Store(tmp_path, "iso", ExperimentConfig())
+    config = TrainConfig(method="propulsion", steps=2, batch_size=4, max_length=12, max_examples=60,
+                         eval_every=2, eval_examples=8, checkpoint_every=None, save_best=False)
+    rows = run_training(store, "runs/a", config, tags={"method_name": "propulsion"}, isolate=True)
+    assert set(rows["kind"]) >= {"train", "eval", "test"} and store.done("runs/a")
+    assert (rows["status"] == "finished").all()

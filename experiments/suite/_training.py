@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ def run_training(
     tags: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
     data: EncodedSplits | None = None,
+    isolate: bool = False,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Run (or resume, or reuse) the training run of ``unit``; return its tagged rows.
@@ -53,13 +55,17 @@ def run_training(
     Every row gets the columns ``run`` (= ``unit``), ``status``, ``trainable_parameters``,
     ``baseline_memory_mb`` and the ``tags`` (method, degree, lr, seed, ...: what figures group by).
     ``data`` replaces the config's data set (e.g. a few-shot subset); it is part of the run's
-    identity through its fingerprint.
+    identity through its fingerprint. ``isolate`` trains in a fresh (spawned) process, so that
+    its CPU peak memory (resident set) is its own and not the high-water mark of earlier runs
+    in this process; the parent then reads the stored result.
     A run stopped by a NaN loss is kept (status ``stopped_nan``): a diverging setting is a result.
     """
     if store.done(unit):
         return store.load_table(unit)
     out = store.dir / "train" / unit
-    result = train(config, out, callbacks=callbacks, data=data, progress=progress)
+    if isolate:
+        _train_in_fresh_process(config, out, callbacks, data, progress)
+    result = train(config, out, callbacks=callbacks, data=data, progress=progress)  # stored if isolated
     info = json.loads((out / "run.json").read_text())
     rows = result.rows.copy()
     rows.insert(0, "run", unit)
@@ -72,6 +78,24 @@ def run_training(
         rows[key] = value
     store.save_table(unit, rows)
     return rows
+
+
+def _child(config: TrainConfig, out: str, callbacks: Sequence[Callback], data: EncodedSplits | None,
+           progress: bool) -> None:
+    train(config, out, callbacks=callbacks, data=data, progress=progress)
+
+
+def _train_in_fresh_process(config: TrainConfig, out: Path, callbacks: Sequence[Callback],
+                            data: EncodedSplits | None, progress: bool) -> None:
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(
+        target=_child, args=(config, str(out), list(callbacks), data, progress), daemon=False)
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"the training run in {out} failed in its own process (exit code "
+                           f"{process.exitcode}); its error is printed above; run again to resume it")
 
 
 def steps_to(evals: pd.DataFrame, target: float) -> float:

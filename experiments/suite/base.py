@@ -66,6 +66,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
+THRESHOLD_MARKERS = ("support", "refute")
+
+
+def is_threshold(field_name: str) -> bool:
+    """Verdict thresholds are the config fields whose name contains "support" or "refute"."""
+    return any(marker in field_name for marker in THRESHOLD_MARKERS)
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Fields every experiment has; subclasses add theirs (sizes, thresholds), all with help text."""
@@ -87,14 +95,20 @@ class ExperimentConfig:
         """Field name -> value (tuples as lists), in field order; JSON-serialisable."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def identity(self) -> dict[str, Any]:
+        """What the results depend on: :meth:`to_dict` without ``device`` and the verdict
+        thresholds (fields whose name contains "support" or "refute")."""
+        return {k: v for k, v in self.to_dict().items() if k != "device" and not is_threshold(k)}
+
     def config_hash(self, name: str = "") -> str:
-        """sha256 of the JSON of :meth:`to_dict` (keys sorted) and the experiment ``name``.
+        """sha256 of the JSON of :meth:`identity` (keys sorted) and the experiment ``name``.
 
         ``device`` is left out: it says where to compute, not what, so a run may resume on
-        another device (the device of each run is in ``provenance.json``).
+        another device (the device of each run is in ``provenance.json``). Verdict thresholds
+        are left out: they judge results without changing them, so changing one re-decides the
+        verdicts from the saved numbers and recomputes nothing.
         """
-        identity = {k: v for k, v in self.to_dict().items() if k != "device"}
-        text = json.dumps({"experiment": name, "config": identity}, sort_keys=True)
+        text = json.dumps({"experiment": name, "config": self.identity()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def resolve_device(self) -> str:
@@ -235,17 +249,26 @@ class Store:
         path = self.dir / "config.json"
         if path.exists():
             stored = json.loads(path.read_text())
-            if stored.get("config_hash") != self.hash:
+            if stored.get("config_hash") != self.hash and not self._same_identity(stored):
                 raise ResultsMismatchError(
                     f"{self.dir} holds results of another configuration (config hash "
                     f"{str(stored.get('config_hash'))[:12]}..., this run {self.hash[:12]}...); "
                     "give another --out folder, or delete that folder to recompute"
                 )
-        else:
+        if not path.exists() or json.loads(path.read_text()).get("config") != config.to_dict():
+            # new, or the same computation judged by other thresholds (or run on another device)
             _write_json(path, {"experiment": name, "config_hash": self.hash,
                                "config_class": type(config).__qualname__, "config": config.to_dict()})
         self.reused: list[str] = self.units()
         self.computed: list[str] = []
+
+    def _same_identity(self, stored: dict[str, Any]) -> bool:
+        """A config.json written before thresholds left the hash: same identity, other hash."""
+        values = stored.get("config")
+        if not isinstance(values, dict):
+            return False
+        old = {k: v for k, v in values.items() if k != "device" and not is_threshold(k)}
+        return old == self.config.identity()
 
     @classmethod
     def open_existing(cls, root: str | Path, name: str, config_cls: type[ExperimentConfig]) -> Store:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,7 @@ from experiments.dynamics import KernelTracker, KernelTrackerConfig
 from experiments.figures import method_color, new_figure, save_figure, style
 from experiments.linearised import LinearisedTracker
 from experiments.suite._training import run_training
-from experiments.suite.base import ExperimentConfig, Store, Verdict, make_verdict
+from experiments.suite.base import ExperimentConfig, Store, Verdict, decide, rule_text
 from experiments.train import TrainConfig
 
 NAME = "e3_kernel_regime"
@@ -59,6 +60,11 @@ class Config(ExperimentConfig):
         default=0.1, metadata={"help": "kernel regime supported if the final kernel distance <= this"}
     )
     refute_min_distance: float = field(default=0.3, metadata={"help": "not supported if > this"})
+    support_max_gap: float = field(
+        default=0.1,
+        metadata={"help": "and supported only if the final linearisation gap ||F - F_lin|| / ||F|| <= this"},
+    )
+    refute_min_gap: float = field(default=0.3, metadata={"help": "not supported if that gap > this"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +75,8 @@ class Config(ExperimentConfig):
             raise ValueError(f"baselines must be among ('full', 'lora'), got {unknown}")
         if not 0 <= self.support_max_distance <= self.refute_min_distance:
             raise ValueError("need 0 <= support_max_distance <= refute_min_distance")
+        if not 0 <= self.support_max_gap <= self.refute_min_gap:
+            raise ValueError("need 0 <= support_max_gap <= refute_min_gap")
 
 
 PRESETS: dict[str, Config] = {
@@ -240,6 +248,7 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
                     row[column], ls="--", color=method_color(row["method_name"]), label=row["method_name"]
                 )
             ax.set_xscale("log")
+            ax.set_yscale("log")  # k = 55 can diverge by orders of magnitude
             ax.set(xlabel="degree k", title=label)
             ax.title.set_fontsize("small")
         axes[0].legend(fontsize="x-small")
@@ -265,27 +274,48 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
 
 
 def verdicts(store: Store, config: Config) -> list[Verdict]:
+    """Per Propulsion degree: the kernel regime needs BOTH a small kernel distance and a small
+    linearisation gap (a run whose kernel collapses early onto one direction can show a small
+    distance while its outputs leave the linear model far behind): supported only if both
+    criteria are, not supported if either is."""
     final = final_metrics(load(store, config))
     out = []
     propulsion = final[final["method_name"].str.startswith("propulsion")].sort_values("k")
+    distance_rule = (("<=", config.support_max_distance), (">", config.refute_min_distance))
+    gap_rule = (("<=", config.support_max_gap), (">", config.refute_min_gap))
     for _, row in propulsion.iterrows():
         k = int(row["k"])
+        by_distance = decide(row["kernel_distance"], support_if=distance_rule[0], refute_if=distance_rule[1])
+        by_gap = decide(row["linearisation_gap"], support_if=gap_rule[0], refute_if=gap_rule[1])
+        verdict: Literal["supported", "not supported", "inconclusive"] = (
+            "not supported"
+            if "not supported" in (by_distance, by_gap)
+            else "supported"
+            if by_distance == by_gap == "supported"
+            else "inconclusive"
+        )
         out.append(
-            make_verdict(
+            Verdict(
                 claim="kernel_regime",
                 statement=f"Propulsion fine-tuning stays in the kernel regime (k = {k})",
                 measurement=(
-                    f"kernel distance of the trained parameters' NTK after {config.steps} steps "
-                    f"({config.model}, {config.dataset}, {config.probe_size} probe examples); "
-                    f"Jacobian drift {row['jacobian_drift']:.3g}, linearisation gap "
-                    f"{row['linearisation_gap']:.3g}, probe accuracy real {row['accuracy_real']:.3f} vs "
-                    f"linearised {row['accuracy_lin']:.3f}, z**k in [{row['zk_min']:.3g}, "
-                    f"{row['zk_max']:.3g}]"
+                    f"kernel distance 1 - cos(K_t, K_0) of the trained parameters' NTK after {config.steps} "
+                    f"steps ({config.model}, {config.dataset}, {config.probe_size} probe examples, "
+                    "dropout off; "
+                    f"criterion: {by_distance}); linearisation gap ||F - F_lin|| / ||F|| "
+                    f"{row['linearisation_gap']:.3g} (criterion: {by_gap}); Jacobian drift "
+                    f"{row['jacobian_drift']:.3g}; kernel scale ratio {row['scale_ratio']:.3g}; "
+                    "probe accuracy "
+                    f"real {row['accuracy_real']:.3f} vs linearised {row['accuracy_lin']:.3f}; z**k in "
+                    f"[{row['zk_min']:.3g}, {row['zk_max']:.3g}]"
                 ),
-                value=row["kernel_distance"],
-                what="kernel distance",
-                support_if=("<=", config.support_max_distance),
-                refute_if=(">", config.refute_min_distance),
+                value=float(row["kernel_distance"]),
+                threshold=(
+                    f"{rule_text('kernel distance', *distance_rule)}; and "
+                    f"{rule_text('linearisation gap', *gap_rule)}; supported only if both are, "
+                    "not supported if either is"
+                ),
+                verdict=verdict,
                 figure="e3_drift_vs_degree",
                 experiment=NAME,
             )

@@ -43,7 +43,7 @@ class Config(ExperimentConfig):
     dataset: str = field(default="rotten_tomatoes", metadata={"help": "data set"})
     degrees: tuple[int, ...] = field(default=(5, 15), metadata={"help": "degrees k compared with k = 1"})
     adam_lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the degree-k run"})
-    sgd_lr: float = field(default=0.05, metadata={"help": "SGD learning rate of the degree-k run"})
+    sgd_lr: float = field(default=0.4, metadata={"help": "SGD learning rate of the degree-k run"})
     steps: int = field(default=100, metadata={"help": "optimiser steps per run"})
     batch_size: int = field(default=16, metadata={"help": "examples per step"})
     max_length: int = field(default=32, metadata={"help": "tokens per sentence at most"})
@@ -53,6 +53,12 @@ class Config(ExperimentConfig):
     support_max_gap: float = field(
         default=0.02,
         metadata={"help": "supported if |acc(k, lr) - acc(1, rescaled lr)| <= this for every run pair"},
+    )
+    support_min_learning: float = field(
+        default=0.05,
+        metadata={
+            "help": "the comparison counts only if both runs gain this much validation accuracy over step 0"
+        },
     )
     refute_min_gap: float = field(
         default=0.05, metadata={"help": "not supported if that gap > this for some pair"}
@@ -154,6 +160,7 @@ def pair_gaps(summary: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (optimizer, k), group in summary.groupby(["optimizer", "k"], sort=True):
         acc = {r["role"]: r["final_val_accuracy"] for _, r in group.iterrows()}
+        gain = {r["role"]: r["best_val_accuracy"] - r["initial_val_accuracy"] for _, r in group.iterrows()}
         status = set(group["status"])
         out.append(
             {
@@ -162,6 +169,7 @@ def pair_gaps(summary: pd.DataFrame) -> pd.DataFrame:
                 **{f"acc_{r}": acc.get(r, math.nan) for r in ROLES},
                 "gap_rescaled": abs(acc.get("degree", math.nan) - acc.get("rescaled", math.nan)),
                 "gap_control": abs(acc.get("degree", math.nan) - acc.get("control", math.nan)),
+                "learned": min(gain.get("degree", math.nan), gain.get("rescaled", math.nan)),
                 "all_finished": status == {"finished"},
             }
         )
@@ -223,12 +231,18 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
 
 def verdicts(store: Store, config: Config) -> list[Verdict]:
     rows = _rows(store, config)
-    gaps = pair_gaps(summarise(rows))
+    summary = summarise(rows)
+    initial = rows[(rows["kind"] == "eval") & (rows["step"] == 0)].set_index("run")["accuracy"]
+    summary["initial_val_accuracy"] = summary["run"].map(initial)
+    gaps = pair_gaps(summary)
     out = []
     for optimizer, power in (("adamw", "k"), ("sgd", "k^2")):
         sel = gaps[gaps["optimizer"] == optimizer]
         worst = float(sel["gap_rescaled"].max()) if len(sel) else math.nan
         control = float(np.nanmax(sel["gap_control"])) if len(sel) else math.nan
+        learned = float(sel["learned"].min()) if len(sel) else math.nan
+        if not learned >= config.support_min_learning:
+            worst = math.nan  # equal accuracies of runs that learned nothing say nothing
         ks = ", ".join(str(k) for k in sel["k"])
         out.append(
             make_verdict(
@@ -239,7 +253,9 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
                     f"largest |final validation accuracy of (k, lr) - of (1, {power} lr)| over k in "
                     f"{{{ks}}}, {config.model} on {config.dataset}, {config.steps} steps, z only, "
                     "head frozen; "
-                    f"without rescaling (1, lr) the gap is {control:.3f}"
+                    f"without rescaling (1, lr) the gap is {control:.3f}; the compared runs gain at least "
+                    f"{learned:.3f} validation accuracy over step 0 (the gap counts only if >= "
+                    f"{config.support_min_learning:g}, else NaN: inconclusive)"
                 ),
                 value=worst,
                 what="gap",

@@ -5,7 +5,9 @@ with the same step budget, batch order and seeds; each has its own learning rate
 ranges: small for full fine-tuning, larger for the few-parameter methods). Recorded per run:
 test accuracy and macro-F1 on the checkpoint chosen by validation, steps to a target
 validation accuracy, median step time and peak memory above the run's baseline (CUDA allocator
-peak, or the process's resident-set peak on a CPU), and the trainable-parameter count.
+peak, or, on a CPU, the resident-set peak of a fresh process per run: in one long process the
+allocator reuses memory freed by earlier runs and the peaks say nothing), and the
+trainable-parameter count.
 ``propulsion_frozen_head`` is Propulsion with the classification head kept at its random
 initial values (z on it too): the paper's setting leaves the head's treatment implicit.
 
@@ -41,6 +43,7 @@ METHOD_SPECS: dict[str, tuple[str, tuple[tuple[str, object], ...], str]] = {
     "propulsion_reference": ("propulsion", (("preset", "reference"), ("degree", 5)), "train"),
     "propulsion_frozen_head": ("propulsion", (("degree", 5),), "frozen"),
 }
+VARIANT_COLORS = {"propulsion_reference": "#fdb863", "propulsion_frozen_head": "#7f3b08"}
 DEFAULT_LR = (
     ("full", 5e-5),
     ("lora", 1e-3),
@@ -68,6 +71,8 @@ class Config(ExperimentConfig):
     max_examples: int | None = field(default=4000, metadata={"help": "examples kept per data set"})
     eval_every: int = field(default=20, metadata={"help": "validation every n steps"})
     eval_examples: int | None = field(default=256, metadata={"help": "validation examples per evaluation"})
+    isolate_runs: bool = field(default=True, metadata={
+        "help": "on a CPU, train each run in a fresh process so its peak memory (RSS) is its own"})
     target_accuracy: float = field(default=0.75, metadata={"help": "validation accuracy 'to target'"})
     accuracy_support_gap: float = field(
         default=-0.01,
@@ -110,6 +115,7 @@ PRESETS: dict[str, Config] = {
         eval_every=2,
         eval_examples=8,
         target_accuracy=0.5,
+        isolate_runs=False,
     ),
     "quick": Config(methods=("full", "lora", "ia3", "bitfit", "propulsion", "propulsion_frozen_head")),
     "full": Config(
@@ -166,7 +172,9 @@ def train_config(config: Config, run: dict) -> TrainConfig:
 def main(config: Config, store: Store, *, progress: bool = False) -> None:
     for run in plan(config):
         tags = {"dataset": run["dataset"], "method_name": run["method_name"], "run_seed": run["seed"]}
-        run_training(store, run["unit"], train_config(config, run), tags=tags, progress=progress)
+        isolate = config.isolate_runs and config.resolve_device() == "cpu"
+        run_training(store, run["unit"], train_config(config, run), tags=tags, isolate=isolate,
+                     progress=progress)
     store.provenance()
 
 
@@ -208,6 +216,8 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
     paths: list[Path] = []
     evals = rows[rows["kind"] == "eval"]
     colors = {m: method_color(m) for m in config.methods}
+    # Propulsion variants share the method's colour family but must stay distinguishable.
+    colors.update({k: v for k, v in VARIANT_COLORS.items() if k in colors})
     with style():
         for dataset in config.datasets:
             fig, ax = new_figure("column", aspect=0.7)

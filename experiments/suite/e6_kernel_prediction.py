@@ -62,6 +62,8 @@ class Config(ExperimentConfig):
         default=0.03, metadata={"help": "supported if |kernel acc - fine-tuned acc| of Propulsion <= this"}
     )
     refute_min_gap: float = field(default=0.10, metadata={"help": "not supported if > this"})
+    support_min_accuracy: float = field(default=0.6, metadata={
+        "help": "the gap counts only if Propulsion's fine-tuned accuracy reaches this (else inconclusive)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -255,6 +257,10 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
 def verdicts(store: Store, config: Config) -> list[Verdict]:
     table = comparison(store, config).set_index("method_name")
     gap = float(table.loc["propulsion", "gap"]) if "propulsion" in table.index else math.nan
+    tuned = float(table.loc["propulsion", "finetuned_accuracy"]) if "propulsion" in table.index else math.nan
+    learned = tuned >= config.support_min_accuracy
+    if not learned:
+        gap = math.nan  # two near-chance predictors agreeing says nothing about kernel behaviour
     others = ", ".join(f"{m} {table.loc[m, 'gap']:.3f}" for m in table.index if m != "propulsion")
     return [
         make_verdict(
@@ -263,7 +269,8 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
             measurement=(
                 f"|kernel-regression accuracy - fine-tuned accuracy| of Propulsion (k=5), {config.shots} "
                 f"shots per class, {config.n_test} test examples, {config.model} on {config.dataset}; "
-                f"other methods: {others}"
+                f"other methods: {others}; Propulsion's fine-tuned accuracy {tuned:.3f} (the gap counts "
+                f"only if >= {config.support_min_accuracy:g}, else NaN: inconclusive)"
             ),
             value=gap,
             what="accuracy gap",
