@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -47,6 +45,7 @@ from torch.func import functional_call, jvp, vmap
 import ntk
 from experiments.callbacks import Callback, TrainState
 from experiments.encoding import EncodedSplits
+from experiments.records import atomic_write
 from ntk import metrics
 from ntk._params import ParamSelector
 from ntk._problem import default_output_fn
@@ -274,21 +273,9 @@ class KernelTrackerConfig:
                              f"{self.jacobian_probes}, {self.jacobian_max_bytes}, {self.jacobian_chunk}")
 
 
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(clean, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=meta))
 
 
 class KernelTracker(Callback):
@@ -460,7 +447,7 @@ class KernelTracker(Callback):
         snaps[state.step] = {"file": name, "kernels": {k: list(v.shape) for k, v in ks.items()}}
         manifest["snapshots"] = {str(k): snaps[k] for k in sorted(snaps)}
         text = json.dumps(manifest, indent=1)
-        _atomic(manifest_path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(text))
 
     # -- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ __all__ = [
     # memory
     "MemoryProbe",
     # files
-    "write_rows", "read_rows", "write_json", "read_json", "provenance",
+    "atomic_write", "write_rows", "read_rows", "write_json", "read_json", "provenance",
     # row schema
     "TRAIN_COLUMNS", "EVAL_COLUMNS", "TEST_COLUMNS", "TIMING_COLUMNS", "RESERVED_KINDS",
 ]
@@ -118,7 +118,8 @@ class MemoryProbe:
 # --------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -133,7 +134,7 @@ def _atomic_write(path: Path, write) -> None:
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     """Rows (dicts with at least ``step`` and ``kind``) to a Parquet file, atomically."""
     frame = pd.DataFrame(rows, columns=None if rows else ["step", "kind"])
-    _atomic_write(Path(path), lambda tmp: frame.to_parquet(tmp, index=False))
+    atomic_write(Path(path), lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def read_rows(path: Path) -> pd.DataFrame:
@@ -142,7 +143,7 @@ def read_rows(path: Path) -> pd.DataFrame:
 
 def write_json(data: dict[str, Any], path: Path) -> None:
     text = json.dumps(data, indent=2, sort_keys=True, allow_nan=True)
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def read_json(path: Path) -> dict[str, Any]:
