@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_list)
     run = sub.add_parser("run", help="run or resume experiments (finished units are reused)")
     run.add_argument("name", help="an experiment (see `list`; e1, e2, ... work too) or 'all'")
-    run.add_argument("--preset", default="quick", choices=("tiny", "quick", "full"),
+    run.add_argument("--preset", default="quick", choices=("tiny", "quick", "study", "full"),
                      help="tiny: seconds (tests); quick: CPU, minutes; full: one GPU")
     run.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"),
                      help="where to compute (default: the preset's)")

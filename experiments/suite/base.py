@@ -40,7 +40,7 @@ __all__ = [
     # results
     "Store", "ResultsMismatchError", "MissingResultError", "atomic_path",
     # verdicts
-    "Verdict", "VERDICTS", "Rule", "decide", "rule_text", "make_verdict",
+    "Verdict", "VERDICTS", "Rule", "decide", "rule_text", "make_verdict", "make_interval_verdict",
 ]
 
 C = TypeVar("C", bound="ExperimentConfig")
@@ -432,10 +432,24 @@ class Verdict:
     verdict: Literal["supported", "not supported", "inconclusive"]
     figure: str | None  # file stem of the figure in the figures folder
     experiment: str
+    # the interval the verdict was decided on (None for exact quantities such as counts)
+    low: float | None = None
+    high: float | None = None
+    n: int | None = None  # independent units (seeds) behind the interval
+    decided_by: str | None = None  # the bound that decided, in words
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+    @property
+    def value_text(self) -> str:
+        """``0.93`` or, with an interval, ``0.93 [0.91, 0.95] (95%, n = 5)``."""
+        if self.low is None or self.high is None:
+            return f"{self.value:.4g}"
+        if math.isnan(self.low) or math.isnan(self.high):
+            return f"{self.value:.4g} (no interval, n = {self.n})"
+        return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}] (95%, n = {self.n})"
 
 
 def _check_rule(rule: Rule, name: str) -> None:
@@ -482,3 +496,17 @@ def make_verdict(*, claim: str, statement: str, measurement: str, value: float, 
                    threshold=rule_text(what, support_if, refute_if),
                    verdict=decide(value, support_if=support_if, refute_if=refute_if),
                    figure=figure, experiment=experiment)
+
+
+def make_interval_verdict(*, claim: str, statement: str, measurement: str, interval: Any, what: str,
+                          support_if: Rule, refute_if: Rule, figure: str | None, experiment: str) -> Verdict:
+    """A :class:`Verdict` decided on ``interval`` (a :class:`experiments.suite.stats.Interval`):
+    supported only if the whole interval meets ``support_if``, not supported only if it meets
+    ``refute_if`` as a whole (:func:`experiments.suite.stats.decide_interval`)."""
+    from experiments.suite.stats import decide_interval
+
+    verdict, why = decide_interval(interval, support_if=support_if, refute_if=refute_if)
+    return Verdict(claim=claim, statement=statement, measurement=measurement, value=float(interval.estimate),
+                   threshold=rule_text(what, support_if, refute_if) + " (decided on the 95% interval)",
+                   verdict=verdict, figure=figure, experiment=experiment, low=float(interval.low),
+                   high=float(interval.high), n=int(interval.n), decided_by=why)

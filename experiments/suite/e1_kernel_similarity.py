@@ -147,6 +147,7 @@ PRESETS: dict[str, Config] = {
     "tiny": Config(n_examples=6, max_length=10, mlp_widths=(8, 32), mlp_depth=2, mlp_input_dim=4,
                    transformer_widths=(32, 64), transformer_layers=1, top_ks=(2,)),
     "quick": Config(),
+    "study": Config(),  # placeholder until the study sizes are set (issue 13)
     "full": Config(device="auto", n_examples=256, max_length=64, n_seeds=3,
                    mlp_widths=(32, 64, 128, 256, 512, 1024, 2048),
                    transformer_widths=(32, 64, 128, 256, 512)),

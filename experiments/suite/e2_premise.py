@@ -79,6 +79,7 @@ class Config(ExperimentConfig):
 PRESETS: dict[str, Config] = {
     "tiny": Config(n_sentences=4, n_points=24, max_length=16, layer_filter=r"layer\.0\.|pooler"),
     "quick": Config(),
+    "study": Config(),  # placeholder until the study sizes are set (issue 13)
     "full": Config(device="auto", n_sentences=128, n_points=2048),
 }
 

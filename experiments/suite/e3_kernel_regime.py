@@ -92,6 +92,7 @@ PRESETS: dict[str, Config] = {
         eval_examples=8,
     ),
     "quick": Config(),
+    "study": Config(),  # placeholder until the study sizes are set (issue 13)
     "full": Config(
         device="auto",
         steps=300,

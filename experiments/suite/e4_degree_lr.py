@@ -80,6 +80,7 @@ PRESETS: dict[str, Config] = {
         degrees=(3,), steps=4, batch_size=4, max_length=12, max_examples=60, eval_every=2, eval_examples=8
     ),
     "quick": Config(degrees=(5,), steps=80),
+    "study": Config(),  # placeholder until the study sizes are set (issue 13)
     "full": Config(
         device="auto",
         degrees=(5, 15, 55),

@@ -118,6 +118,7 @@ PRESETS: dict[str, Config] = {
         isolate_runs=False,
     ),
     "quick": Config(methods=("full", "lora", "ia3", "bitfit", "propulsion", "propulsion_frozen_head")),
+    "study": Config(),  # placeholder until the study sizes are set (issue 13)
     "full": Config(
         device="auto",
         datasets=("rotten_tomatoes", "imdb", "bbc_news"),

@@ -89,6 +89,7 @@ PRESETS: dict[str, Config] = {
         eval_every=3,
     ),
     "quick": Config(),
+    "study": Config(),  # placeholder until the study sizes are set (issue 13)
     "full": Config(
         device="auto",
         shots=128,

@@ -72,6 +72,7 @@ class Config(ExperimentConfig):
 PRESETS: dict[str, Config] = {
     "tiny": Config(models=("roberta-base",)),
     "quick": Config(),
+    "study": Config(),  # deterministic counts: the study needs nothing more than quick
     "full": Config(device="auto"),
 }
 

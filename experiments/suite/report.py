@@ -89,10 +89,6 @@ def _figure_link(stem: str | None, fig_dir: Path, out_dir: Path) -> tuple[str | 
     return Path(os.path.relpath(png.resolve(), out_dir.resolve())).as_posix(), png.is_file()
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.4g}"
-
-
 def _origin(exp: ExperimentVerdicts) -> str:
     p = exp.provenance
     if not p:
@@ -113,14 +109,15 @@ def render_markdown(experiments: list[ExperimentVerdicts], fig_dir: Path, out_di
     for claim, rows in claims:
         for exp, v in rows:
             statement = v.statement.replace("|", "\\|")
-            lines.append(f"| {claim} | {statement} | {_fmt(v.value)} | **{v.verdict}** | {exp.name} |")
+            lines.append(f"| {claim} | {statement} | {v.value_text} | **{v.verdict}** | {exp.name} |")
     for claim, rows in claims:
         lines += ["", f"## {CLAIM_TITLES.get(claim, claim)} (`{claim}`)"]
         for exp, v in rows:
             link, exists = _figure_link(v.figure, fig_dir, out_dir)
             lines += ["", f"**{v.statement}** Verdict: **{v.verdict}**", "",
-                      f"- Measurement: {v.measurement}", f"- Value: {_fmt(v.value)}",
-                      f"- Rule: {v.threshold}", f"- Setup: {_setup(exp)}", f"- Run: {_origin(exp)}"]
+                      f"- Measurement: {v.measurement}", f"- Value: {v.value_text}",
+                      f"- Rule: {v.threshold}", *([f"- Decided by: {v.decided_by}"] if v.decided_by else []),
+                      f"- Setup: {_setup(exp)}", f"- Run: {_origin(exp)}"]
             if link:
                 lines += ["", f"![{v.figure}]({link})" if exists else
                           f"- Figure `{v.figure}` not drawn yet (run `propulsion-ntk figures`)"]
@@ -153,7 +150,7 @@ def render_html(experiments: list[ExperimentVerdicts], fig_dir: Path, out_dir: P
     claims = _claims(experiments)
     for claim, rows in claims:
         for exp, v in rows:
-            parts.append(f"<tr><td>{e(claim)}</td><td>{e(v.statement)}</td><td>{_fmt(v.value)}</td>"
+            parts.append(f"<tr><td>{e(claim)}</td><td>{e(v.statement)}</td><td>{e(v.value_text)}</td>"
                          f"<td>{badge(v)}</td><td>{e(exp.name)}</td></tr>")
     parts.append("</table>")
     for claim, rows in claims:
@@ -161,8 +158,10 @@ def render_html(experiments: list[ExperimentVerdicts], fig_dir: Path, out_dir: P
         for exp, v in rows:
             link, exists = _figure_link(v.figure, fig_dir, out_dir)
             parts += [f"<p><b>{e(v.statement)}</b> Verdict: {badge(v)}</p><ul>",
-                      f"<li>Measurement: {e(v.measurement)}</li><li>Value: {_fmt(v.value)}</li>",
-                      f"<li>Rule: {e(v.threshold)}</li><li>Setup: {e(_setup(exp))}</li>",
+                      f"<li>Measurement: {e(v.measurement)}</li><li>Value: {e(v.value_text)}</li>",
+                      f"<li>Rule: {e(v.threshold)}</li>"
+                      + (f"<li>Decided by: {e(v.decided_by)}</li>" if v.decided_by else "")
+                      + f"<li>Setup: {e(_setup(exp))}</li>",
                       f"<li>Run: {e(_origin(exp))}</li></ul>"]
             if link:
                 parts.append(f'<p><img src="{e(link)}" alt="{e(str(v.figure))}"></p>' if exists else
