@@ -36,7 +36,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL_CHROMIUM = "apt-get update && apt-get install -y chromium chromium-driver"
 INSTALL_DOCS = "pip install -e '.[docs]' (scripts/setup.sh installs it)"
 # Sections of the theory page whose formula must be checked against ntk by a snippet.
-CHECKED_SECTIONS = ("Linear (full fine-tuning)", "Propulsion", "Embedding", "LayerNorm", "LoRA")
+CHECKED_SECTIONS = ("Linear (full fine-tuning)", "Propulsion", "Embedding", "LayerNorm", "LoRA", "IA3")
 _FENCE = re.compile(r"^```pycon\n(.*?)^```", re.S | re.M)
 
 
@@ -165,8 +165,9 @@ def browser() -> Iterator[object]:
                  "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look anything up
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look anything up
+        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
     driver.set_script_timeout(60)
     try:
