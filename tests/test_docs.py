@@ -64,12 +64,23 @@ def test_theory_page_checks_each_formula_against_ntk() -> None:
             f"section {name!r} has no pycon snippet comparing its formula with ntk.empirical_ntk")
 
 
-def test_theory_page_snippets_run() -> None:
-    pytest.importorskip("peft")
-    text = THEORY.read_text(encoding="utf-8")
+SNIPPET_PAGES = sorted(p for p in (ROOT / "docs").rglob("*.md")
+                       if _FENCE.search(p.read_text(encoding="utf-8")))
+
+
+def test_snippet_pages_include_the_theory_pages() -> None:
+    assert {THEORY, THEORY.with_name("metrics.md")} <= set(SNIPPET_PAGES)
+
+
+@pytest.mark.parametrize("page", SNIPPET_PAGES, ids=lambda p: str(p.relative_to(ROOT / "docs")))
+def test_page_snippets_run(page: Path) -> None:
+    """Every ``pycon`` block of a page runs, in order, in one namespace, with the output shown."""
+    text = page.read_text(encoding="utf-8")
+    if "peft" in text:
+        pytest.importorskip("peft")
     source = "\n".join(_FENCE.findall(text))
-    test = doctest.DocTestParser().get_doctest(source, {}, THEORY.name, str(THEORY), 0)
-    assert len(test.examples) > 30
+    test = doctest.DocTestParser().get_doctest(source, {}, page.name, str(page), 0)
+    assert test.examples
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     lines: list[str] = []
     result = runner.run(test, out=lines.append)

@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Names of the developers' notes outside the repository, however they are cited.
-OUTSIDE = re.compile(r"\.\./shared\b|\bshared/[\w.-]+\.md\b|\bscience\.md\b|\boffline-resources\.md\b")
+OUTSIDE = re.compile(r"\.\./shared\b|/work/shared\b|\bshared/[\w.-]+\.md\b"
+                     r"|\bscience\.md\b|\boffline-resources\.md\b")
 _LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 _THIS = Path(__file__).name
