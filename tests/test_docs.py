@@ -13,6 +13,7 @@ and the built site checked in a real browser.
 
 from __future__ import annotations
 
+import ast
 import doctest
 import functools
 import http.server
@@ -138,6 +139,33 @@ def test_site_uses_no_network_resources(site: Path) -> None:
         # <link rel=canonical> or similar would also match; none is expected with site_url empty.
         assert not hits, f"{page.relative_to(site)} loads remote resources: {hits[:3]}"
     assert (site / "assets" / "mathjax" / "tex-svg-full.js").is_file()
+
+
+def _public_names(module: str) -> list[str]:
+    """``__all__`` of a module of this repository, read without importing it."""
+    path = ROOT / module.replace(".", "/")
+    source = (path / "__init__.py") if path.is_dir() else path.with_suffix(".py")
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        if any(getattr(t, "id", None) == "__all__" for t in targets) and node.value is not None:
+            return list(ast.literal_eval(node.value))
+    raise AssertionError(f"{module} has no __all__: its public face is undefined")
+
+
+def test_api_reference_covers_every_public_name(site: Path) -> None:
+    """Each module shown in docs/reference/ has every name of its ``__all__`` documented."""
+    pages = sorted((ROOT / "docs" / "reference").glob("*.md"))
+    modules = [m for page in pages
+               for m in re.findall(r"^::: ([\w.]+)", page.read_text(encoding="utf-8"), re.M)]
+    assert {"propulsion", "ntk", "experiments.train", "experiments.suite"} <= set(modules)
+    ids: set[str] = set()
+    for html in (site / "reference").rglob("*.html"):
+        ids |= set(re.findall(r'id="([\w.]+)"', html.read_text(encoding="utf-8")))
+    missing = [f"{m}.{name}" for m in modules for name in _public_names(m)
+               if f"{m}.{name}" not in ids
+               and not any(i.startswith(m + ".") and i.endswith("." + name) for i in ids)]
+    assert not missing, f"public names missing from the API reference: {missing}"
 
 
 # -- headless Chromium ----------------------------------------------------------------------------
