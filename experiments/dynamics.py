@@ -3,8 +3,9 @@
 :class:`KernelTracker` is a training callback. On a fixed probe set (``probe_size`` validation
 examples chosen by ``probe_seed``) it computes, at step 0 and at chosen steps, the empirical NTK
 of the method's trained parameter set on the *live* model (``ntk.kernels``; the parameter dict
-is rebuilt from ``model.named_parameters()`` at every snapshot, never reused from step 0: the
-trap of ``shared/science.md`` section 5) and logs one row ``kind="kernel"``:
+is rebuilt from ``model.named_parameters()`` at every snapshot, never reused from step 0: a copy
+taken before training would make the "after training" kernel silently equal the initial one,
+see ``docs/theory/claims.md``) and logs one row ``kind="kernel"``:
 
 - ``kernel_distance = 1 - <K_t, K_0>_F / (||K_t||_F ||K_0||_F)`` (Fort et al. 2020) and
   ``scale_ratio = ||K_t||_F / ||K_0||_F`` (Propulsion's ``(k z**(k-1))**2`` factor moves it);

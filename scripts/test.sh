@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: sets up the environment, then lint, type check and the test suite.
+# The test command: sets up the environment, then lint, type check, the strict docs build and
+# the test suite (which opens the built docs in headless Chromium where it is installed).
 #   bash scripts/test.sh            default suite (what CI runs)
 #   bash scripts/test.sh --slow     also the slow tests
 #   bash scripts/test.sh ARGS...    extra arguments go to pytest (e.g. -k merge)
@@ -13,5 +14,9 @@ marker=(-m "not slow")
 if [ "${1:-}" = "--slow" ]; then marker=(); shift; fi
 echo "[test] ruff"; ruff check .
 echo "[test] mypy propulsion ntk"; mypy propulsion ntk
+echo "[test] docs (strict build)"
+site="$(mktemp -d)/site"
+PROPULSION_NTK_SETUP_DONE=1 bash "$root/scripts/docs.sh" build "$site"
+export PROPULSION_NTK_DOCS_SITE="$site"   # tests/test_docs.py checks this build
 echo "[test] pytest"
 python -m pytest --nbmake --doctest-modules "${marker[@]}" tests notebooks propulsion ntk experiments "$@"

@@ -164,7 +164,7 @@ def test_rows_at_chosen_steps(tracked):
 
 
 def test_values_equal_an_independent_reference_at_live_parameters(tracked):
-    """The trap of science.md section 5: the kernel after training must be the live one."""
+    """The stale-parameter trap (docs/theory/claims.md): the kernel after training is the live one."""
     model, initial, names = tracked.model, tracked.initial, tracked.tracker.names
     x, labels = tracked.tracker.probe.inputs(tracked.data, None)
     kw = dict(params=names, output="trace", method="jacobian")

@@ -122,7 +122,7 @@ def test_layernorm_forward_and_merge_equal_formula(n, t, d, degree, seed):
     assert_close_rel(layer(x), expected, 1e-10)
 
 
-# -- the gradient of z (science.md section 3) --------------------------------------------------
+# -- the gradient of z (docs/theory/kernels.md, Propulsion block) ------------------------------
 
 @pytest.mark.parametrize("degree", [1, 2, 5], ids=lambda k: f"k{k}")
 def test_z_gradient_is_k_z_to_k_minus_1_times_sum_g_u(degree):

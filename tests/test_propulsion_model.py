@@ -1,7 +1,7 @@
 """Wrapping, merging, unloading and every bad input, over the zoo's tiny float64 models.
 
-Science identities (science.md section 4): 1. a wrapped model at z = 1 gives the unwrapped
-outputs; 2. merging with random z keeps the outputs.
+Identities 1 and 2 of docs/theory/kernels.md ("Identities the tests assert"): a wrapped model
+at z = 1 gives the unwrapped outputs; merging with random z keeps the outputs.
 """
 
 from __future__ import annotations
