@@ -258,14 +258,18 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path) -> str:
     return write_bytes(path, frame.to_parquet(index=False))
 
 
-def read_rows(path: str | Path, sha256: str | None, remedy: str = "") -> pd.DataFrame:
-    """The rows of :func:`write_rows`, after checking the file against ``sha256``.
+def read_rows(path: str | Path, sha256: str | None = None, remedy: str = "") -> pd.DataFrame:
+    """The rows of :func:`write_rows`, after checking the file against ``sha256`` (default: the
+    ``rows_sha256`` that the ``run.json`` beside it records).
 
     Raises:
-        DamagedFileError: the file is missing, damaged, or ``sha256`` is None (nothing vouches
-            for it); the message names the file and ends with ``remedy``.
+        DamagedFileError: the file or ``run.json`` is missing or damaged, or nothing vouches for
+            the rows; the message names the file and ends with ``remedy``.
     """
-    remedy = remedy or f"delete the folder {Path(path).parent} to run it afresh"
+    path = Path(path)
+    remedy = remedy or f"delete the folder {path.parent} to run it afresh"
+    if sha256 is None:
+        sha256 = read_json(path.parent / "run.json", remedy=remedy).get("rows_sha256")
     return pd.read_parquet(verify_file(path, sha256, remedy))
 
 
