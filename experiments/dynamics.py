@@ -39,14 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 import ntk
 from experiments.callbacks import Callback, TrainState
 from experiments.encoding import EncodedSplits
-from experiments.records import atomic_write
+from experiments.records import read_json, verify_file, write_bytes, write_json
 from ntk import metrics
 from ntk._params import ParamSelector
 from ntk._problem import default_output_fn
@@ -274,9 +274,10 @@ class KernelTrackerConfig:
                              f"{self.jacobian_probes}, {self.jacobian_max_bytes}, {self.jacobian_chunk}")
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """Write the tensors atomically; returns the file's sha256."""
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=meta))
+    return write_bytes(path, save(clean, metadata=meta))
 
 
 class KernelTracker(Callback):
@@ -292,6 +293,7 @@ class KernelTracker(Callback):
         self.initial: dict[str, torch.Tensor] = {}
         self.done: list[int] = []
         self._pending: dict[str, Any] | None = None
+        self.initial_sha256: str | None = None
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_start(self, state: TrainState) -> None:
@@ -433,29 +435,30 @@ class KernelTracker(Callback):
         meta = {"names": json.dumps(self.names), "jacobian_mode": self.jacobian_mode,
                 "output": self.config.output, "jacobian_probes": str(self.config.jacobian_probes),
                 "jacobian_seed": str(self.config.jacobian_seed)}
-        _save_tensors(Path(state.out_dir) / self.INITIAL, tensors, meta)
+        self.initial_sha256 = _save_tensors(Path(state.out_dir) / self.INITIAL, tensors, meta)
 
     def _save_step(self, state: TrainState, ks: dict[str, torch.Tensor]) -> None:
         folder = Path(state.out_dir) / "kernels"
         name = f"step_{state.step:07d}.safetensors"
-        _save_tensors(folder / name, ks, {"step": str(state.step), "output": self.config.output})
+        digest = _save_tensors(folder / name, ks, {"step": str(state.step), "output": self.config.output})
         manifest_path = folder / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        manifest = read_json(manifest_path, require_checksum=False) if manifest_path.exists() else {}
         cfg = {k: v for k, v in asdict(self.config).items() if k != "params"}
         manifest.update(config=cfg, params=self.names, probe_split=self.probe.split,
                         probe_indices=self.probe.indices, initial=Path(self.INITIAL).name)
         snaps = {int(k): v for k, v in manifest.get("snapshots", {}).items()}
-        snaps[state.step] = {"file": name, "kernels": {k: list(v.shape) for k, v in ks.items()}}
+        snaps[state.step] = {"file": name, "sha256": digest,
+                             "kernels": {k: list(v.shape) for k, v in ks.items()}}
         manifest["snapshots"] = {str(k): snaps[k] for k in sorted(snaps)}
-        text = json.dumps(manifest, indent=1)
-        atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(text))
+        write_json(manifest, manifest_path)
 
     # -- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if not self.names:
             return {}
         return {"names": list(self.names), "probe": list(self.probe.indices or []),
-                "jacobian_mode": self.jacobian_mode, "done": list(self.done), "initial_file": self.INITIAL}
+                "jacobian_mode": self.jacobian_mode, "done": list(self.done), "initial_file": self.INITIAL,
+                "initial_sha256": self.initial_sha256}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -473,7 +476,9 @@ class KernelTracker(Callback):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the initial kernel and Jacobian of the resumed "
                                     "run are stored there; restore the run folder or start afresh")
+        verify_file(path, saved.get("initial_sha256"), "delete the run folder to start it afresh")
         tensors = load_file(str(path))
+        self.initial_sha256 = saved["initial_sha256"]
         self.names = list(saved["names"])
         ntk.select_parameters(state.model, self.names)  # raises if the model lacks them
         self.jacobian_mode = str(saved["jacobian_mode"])

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import torch
 
 from experiments.data import SPLITS, TextSplits
 from experiments.offline import cache_dir as _cache_root
+from experiments.records import read_json, verify_file, write_bytes, write_json
 
 __all__ = ["EncodedSplit", "EncodedSplits", "encode_splits", "tokenizer_identity"]
 
@@ -114,37 +113,14 @@ def _encode_split(texts: Sequence[str], labels: np.ndarray, tokenizer: Any, max_
     return EncodedSplit(input_ids, attention_mask, torch.tensor(np.asarray(labels), dtype=torch.int64))
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_tmp(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def _save(path: Path, sidecar: Path, encoded: EncodedSplits, meta: dict[str, Any]) -> None:
     """Tensors first, then the sidecar with their hash: a sidecar always describes a complete file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {f"{s}.{field}": getattr(getattr(encoded, s), field).contiguous()
                for s in SPLITS for field in ("input_ids", "attention_mask", "labels")}
-    tmp = _atomic_tmp(path)
-    tmp_meta = _atomic_tmp(sidecar)
-    try:
-        save_file(tensors, str(tmp), metadata={"fingerprint": encoded.fingerprint})
-        digest = _file_sha256(tmp)
-        os.replace(tmp, path)
-        tmp_meta.write_text(json.dumps({**meta, "sha256": digest}, indent=1))
-        os.replace(tmp_meta, sidecar)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
+    digest = write_bytes(path, save(tensors, metadata={"fingerprint": encoded.fingerprint}))
+    write_json({**meta, "sha256": digest}, sidecar)
 
 
 def _load(path: Path, sidecar: Path, fingerprint: str, num_labels: int, sizes: dict[str, int]
@@ -153,14 +129,12 @@ def _load(path: Path, sidecar: Path, fingerprint: str, num_labels: int, sizes: d
     if not path.exists() and not sidecar.exists():
         return None
     try:
-        meta = json.loads(sidecar.read_text())
+        meta = read_json(sidecar, require_checksum=False)
         if meta.get("fingerprint") != fingerprint:
             raise ValueError("sidecar describes another encoding")
-        if _file_sha256(path) != meta.get("sha256"):
-            raise ValueError("sha256 of the tensors does not match the sidecar")
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        tensors = load_file(str(verify_file(path, meta.get("sha256"), "rebuilding it")))
         splits = {s: EncodedSplit(tensors[f"{s}.input_ids"], tensors[f"{s}.attention_mask"],
                                   tensors[f"{s}.labels"]) for s in SPLITS}
         if {s: len(v) for s, v in splits.items()} != sizes:

@@ -23,6 +23,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from experiments.records import atomic_path
+
 __all__ = [
     "METHOD_COLORS", "WIDTHS", "RC",
     "style", "method_color", "new_figure", "save_figure",
@@ -86,8 +88,6 @@ def new_figure(width: str = "column", aspect: float = 0.62, nrows: int = 1, ncol
 
 def save_figure(fig: Figure, fig_dir: str | Path, stem: str) -> list[Path]:
     """Save ``fig`` as ``fig_dir/stem.pdf`` and ``.png`` (atomically), close it, return both paths."""
-    from experiments.suite.base import atomic_path  # here: the suite's modules import this one
-
     if not stem or "/" in stem or stem.startswith("."):
         raise ValueError(f"bad figure stem {stem!r}: a plain file name without suffix")
     fig_dir = Path(fig_dir)

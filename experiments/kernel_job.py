@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from experiments.processes import writable_folder
+from experiments.records import atomic_path, provenance, write_json
 from ntk.tiles import (
     DistContext,
     TilesInterrupted,
@@ -58,7 +60,6 @@ from ntk.tiles import (
     init_distributed,
     report_dict,
     tiled_ntk,
-    write_json_atomic,
 )
 
 __all__ = ["KernelJobConfig", "run_kernel_job", "add_kernel_parser", "run_kernel_command", "main"]
@@ -177,11 +178,20 @@ def load_job_inputs(cfg: KernelJobConfig) -> tuple[Any, Any, int]:
     if ":" not in cfg.dataset:
         x1, x2, labels = _token_inputs(cfg)
         return x1, x2, cfg.num_labels or labels
-    make = _factory(cfg.dataset, "data set")
-    x1 = _slice(make(split=cfg.split, seed=cfg.seed), cfg.offset, cfg.n, "x1")
+    factory = _factory(cfg.dataset, "data set")
+
+    def make(split: str) -> Any:
+        try:
+            return factory(split=split, seed=cfg.seed)
+        except TypeError as exc:
+            raise ValueError(f"the data set factory {cfg.dataset!r} cannot be called as f(split=, seed=) "
+                             f"({exc}); give a function that takes these and returns a tensor or a dict "
+                             "of tensors") from exc
+
+    x1 = _slice(make(cfg.split), cfg.offset, cfg.n, "x1")
     x2 = None
     if cfg.split2 is not None:
-        x2 = _slice(make(split=cfg.split2, seed=cfg.seed), cfg.offset2, cfg.n2 or cfg.n, "x2")
+        x2 = _slice(make(cfg.split2), cfg.offset2, cfg.n2 or cfg.n, "x2")
     return x1, x2, cfg.num_labels or 2
 
 
@@ -189,7 +199,16 @@ def load_job_model(cfg: KernelJobConfig, num_labels: int, device: torch.device) 
     """The model of the config on ``device``, prepared (``experiments.methods.prepare``) if asked."""
     dtype = MODEL_DTYPES[cfg.model_dtype]
     if ":" in cfg.model:
-        model = _factory(cfg.model, "model")(num_labels=num_labels, dtype=dtype, device=device, seed=cfg.seed)
+        make = _factory(cfg.model, "model")
+        try:
+            model = make(num_labels=num_labels, dtype=dtype, device=device, seed=cfg.seed)
+        except TypeError as exc:
+            raise ValueError(f"the model factory {cfg.model!r} cannot be called as f(num_labels=, dtype=, "
+                             f"device=, seed=) ({exc}); give a function that takes these and returns an "
+                             "nn.Module") from exc
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"the model factory {cfg.model!r} returned a {type(model).__name__}, not an "
+                             "nn.Module; give a function that returns the model")
     else:
         from experiments.models import load_model
 
@@ -244,20 +263,18 @@ def run_kernel_job(config: KernelJobConfig, out_dir: str | Path) -> Path:
             if kernel is not None and not hasattr(kernel, "filename"):  # assembled in memory
                 import numpy as np
 
-                tmp = out / ".kernel.tmp.npy"
-                np.save(tmp, kernel.numpy())
-                os.replace(tmp, path)
-            write_json_atomic(out / "kernel_config.json", asdict(config))
+                with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, kernel.numpy())
+            write_json(asdict(config), out / "kernel_config.json")
             stamp = datetime.datetime.now(datetime.timezone.utc)
-            write_json_atomic(out / "runs" / f"{stamp:%Y%m%dT%H%M%S%fZ}-w{ctx.world_size}.json", {
+            write_json({
                 "config": asdict(config), "world_size": ctx.world_size, "threads_per_rank": threads,
                 "device": str(ctx.device), "backend": str(torch.distributed.get_backend())
                 if ctx.distributed else None,
                 "seconds": {"load": loaded - start, "tiles": max(r["seconds"] for r in reports),
                             "assemble": time.perf_counter() - done, "total": time.perf_counter() - start},
-                "reports": reports, "finished": stamp.isoformat(), "torch": torch.__version__,
-                "python": sys.version.split()[0],
-            })
+                "reports": reports, "finished": stamp.isoformat(), "provenance": provenance(ctx.device),
+            }, out / "runs" / f"{stamp:%Y%m%dT%H%M%S%fZ}-w{ctx.world_size}.json")
         return path
     finally:
         if ctx.initialized_here:
@@ -321,6 +338,7 @@ def add_kernel_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_kernel_command(args: argparse.Namespace) -> int:
     """Run the job of parsed arguments; 0 on success, 3 when the test hook stopped it."""
+    writable_folder(args.out)
     try:
         path = run_kernel_job(_config(args), args.out)
     except TilesInterrupted as exc:
@@ -335,7 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.kernel_job", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
-    return run_kernel_command(parser.parse_args(argv))
+    from experiments.cli import KNOWN_ERRORS, error_sentence
+
+    try:
+        return run_kernel_command(parser.parse_args(argv))
+    except KNOWN_ERRORS as exc:  # a sentence per rank, not a traceback
+        rank = os.environ.get('RANK', '0')
+        print(f"kernel_job (rank {rank}): error: {error_sentence(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

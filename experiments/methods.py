@@ -23,7 +23,8 @@ from torch import nn
 
 from propulsion import PropulsionConfig, get_propulsion_model
 
-__all__ = ["HEAD_NAMES", "METHODS", "ParameterGroupCount", "find_head", "parameter_table", "prepare"]
+__all__ = ["HEAD_NAMES", "METHODS", "ParameterGroupCount", "check_options", "find_head", "method_options",
+           "parameter_table", "prepare"]
 
 METHODS = ("full", "propulsion", "lora", "ia3", "bitfit", "head")
 HEAD_NAMES = ("classifier", "score", "classification_head")  # BERT/RoBERTa, LLaMA, BART
@@ -45,6 +46,28 @@ def find_head(model: nn.Module, head_modules: tuple[str, ...] | None = None) -> 
             f"pass head_modules=(...) naming it (known names: {HEAD_NAMES})"
         )
     return found
+
+
+_PEFT_OPTIONS = {"lora": ("r", "lora_alpha", "lora_dropout", "target_modules"),
+                 "ia3": ("target_modules", "feedforward_modules")}
+
+
+def method_options(method: str) -> tuple[str, ...]:
+    """The option names ``prepare(model, method, **options)`` accepts (sorted)."""
+    if method == "propulsion":
+        import dataclasses
+
+        return tuple(sorted(["config", *(f.name for f in dataclasses.fields(PropulsionConfig))]))
+    return tuple(sorted(_PEFT_OPTIONS.get(method, ())))
+
+
+def check_options(method: str, options: dict[str, Any] | tuple[str, ...]) -> None:
+    """Raise ValueError naming the options ``method`` does not take, and the ones it does."""
+    known = method_options(method)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = f"it takes {', '.join(known)}" if known else "it takes none"
+        raise ValueError(f"method {method!r} does not take options {unknown}; {takes}")
 
 
 def _set_trainable(model: nn.Module, prefixes: tuple[str, ...], flag: bool) -> None:
@@ -125,6 +148,7 @@ def prepare(model: nn.Module, method: str, *, head: str = "train",
         raise ValueError(f"head must be 'train' or 'frozen', got {head!r}")
     if method == "head" and head == "frozen":
         raise ValueError("method 'head' with head='frozen' would train nothing")
+    check_options(method, options)
     heads = find_head(model, head_modules)
     train_head = head == "train"
     opts = dict(options)

@@ -3,11 +3,14 @@
 Rows are one dict per (step, kind): ``kind="train"`` after every optimiser step, ``"eval"`` per
 evaluation on validation, ``"test"`` once on the checkpoint chosen by validation, ``"nan"`` when
 a non-finite loss stopped the run, and whatever callbacks log. They go to ``rows.parquet``;
-``run.json`` holds the provenance. Both files are written atomically.
+``run.json`` holds the provenance and the sha256 of ``rows.parquet``. Every file is written
+through :func:`atomic_path` (the package's one atomic writer) and read back only after its
+checksum is verified (:func:`read_json`, :func:`read_rows`, :func:`verify_file`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -16,6 +19,8 @@ import resource
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,10 @@ __all__ = [
     # memory
     "MemoryProbe",
     # files
-    "atomic_write", "write_rows", "read_rows", "write_json", "read_json", "provenance",
+    "atomic_path", "atomic_write", "write_bytes", "file_sha256", "verify_file", "DamagedFileError",
+    "write_rows", "read_rows", "write_json", "read_json", "JSON_CHECKSUM",
+    # provenance
+    "provenance", "package_version",
     # row schema
     "TRAIN_COLUMNS", "EVAL_COLUMNS", "TEST_COLUMNS", "TIMING_COLUMNS", "RESERVED_KINDS",
 ]
@@ -38,7 +46,7 @@ EVAL_COLUMNS = ("loss", "accuracy", "macro_f1", "examples", "train_seconds")
 TEST_COLUMNS = ("loss", "accuracy", "macro_f1", "examples")
 TIMING_COLUMNS = ("seconds", "train_seconds", "tokens_per_s", "peak_memory_mb")  # differ run to run
 RESERVED_KINDS = ("train", "eval", "test", "nan")
-PACKAGES = ("torch", "transformers", "peft", "numpy", "pandas", "pyarrow", "safetensors")
+PACKAGES = ("propulsion-ntk", "torch", "transformers", "peft", "numpy", "pandas", "pyarrow", "safetensors")
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,40 +124,158 @@ class MemoryProbe:
 
 
 # --------------------------------------------------------------------------------------------
-# files
+# files: one atomic writer, checksums
 # --------------------------------------------------------------------------------------------
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class DamagedFileError(ValueError):
+    """A stored file does not match its recorded sha256, lacks one, or does not parse.
+
+    The message names the file and what to do (usually: delete it, or the unit or run it belongs
+    to, so that it is computed again).
+    """
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``target``; flushed to disk and moved onto ``target`` only if the
+    block succeeds, removed otherwise. The one atomic writer of the ``experiments`` package.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with atomic_path(folder / "a.txt") as tmp:
+        ...     _ = tmp.write_text("done")
+        >>> (folder / "a.txt").read_text()
+        'done'
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
+    tmp = Path(name)
     try:
+        yield tmp
+        with open(tmp, "rb+") as fh:  # the bytes reach the disk before the name points at them
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    """Rows (dicts with at least ``step`` and ``kind``) to a Parquet file, atomically."""
+def write_bytes(path: str | Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically; returns its sha256 (hex)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_file(path: str | Path, sha256: Any, remedy: str) -> Path:
+    """Check ``path`` against the sha256 recorded for it; returns ``path``.
+
+    Raises:
+        DamagedFileError: the file is missing, unreadable, has no recorded checksum or another one;
+            the message names it and ends with ``remedy`` (what to do).
+    """
+    path = Path(path)
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise DamagedFileError(f"{path} has no recorded sha256 (written by an older version, or the "
+                               f"record was edited); {remedy}")
+    try:
+        found = file_sha256(path)
+    except OSError as exc:
+        raise DamagedFileError(f"{path} is unreadable ({exc}); {remedy}") from exc
+    if found != sha256:
+        raise DamagedFileError(f"{path} is damaged: its sha256 {found[:12]}... differs from the recorded "
+                               f"{sha256[:12]}...; {remedy}")
+    return path
+
+
+JSON_CHECKSUM = "json_sha256"  # the key under which write_json records the checksum of the rest
+
+
+def _json_digest(data: dict[str, Any]) -> str:
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_json(data: dict[str, Any], path: str | Path) -> None:
+    """``data`` as indented JSON, atomically, with ``json_sha256``: the sha256 of its canonical
+    JSON (sorted keys, no spaces), which :func:`read_json` checks."""
+    if JSON_CHECKSUM in data:
+        raise ValueError(f"{JSON_CHECKSUM!r} is reserved for the checksum")
+    payload = {**data, JSON_CHECKSUM: _json_digest(data)}
+    text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: str | Path, *, remedy: str | None = None,
+              require_checksum: bool = True) -> dict[str, Any]:
+    """A JSON object written by :func:`write_json`, its checksum verified (``json_sha256`` removed).
+
+    ``require_checksum=False`` accepts a file without one (caches written by older versions); a
+    file that has one is always checked.
+
+    Raises:
+        DamagedFileError: unreadable, truncated or not an object, or its content does not match
+            its checksum (a flipped bit, an edit by hand); the message names the file.
+    """
+    path = Path(path)
+    remedy = remedy or f"delete {path} (or the folder it belongs to) to compute it again"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedFileError(f"cannot read {path} ({exc}); it is truncated or damaged; {remedy}") from exc
+    if not isinstance(data, dict):
+        raise DamagedFileError(f"{path} holds a JSON {type(data).__name__}, not an object; {remedy}")
+    recorded = data.pop(JSON_CHECKSUM, None)
+    if recorded is None and not require_checksum:
+        return data
+    if recorded != _json_digest(data):
+        what = "has no checksum" if recorded is None else "does not match its checksum"
+        raise DamagedFileError(f"{path} {what} (damaged, edited by hand, or written by an older version); "
+                               f"{remedy}")
+    return data
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | Path) -> str:
+    """Rows (dicts with at least ``step`` and ``kind``) to a Parquet file, atomically; returns
+    the file's sha256, to be recorded where the file is vouched for (``run.json``)."""
     frame = pd.DataFrame(rows, columns=None if rows else ["step", "kind"])
-    atomic_write(Path(path), lambda tmp: frame.to_parquet(tmp, index=False))
+    return write_bytes(path, frame.to_parquet(index=False))
 
 
-def read_rows(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path)
+def read_rows(path: str | Path, sha256: str | None = None, remedy: str = "") -> pd.DataFrame:
+    """The rows of :func:`write_rows`, after checking the file against ``sha256`` (default: the
+    ``rows_sha256`` that the ``run.json`` beside it records).
+
+    Raises:
+        DamagedFileError: the file or ``run.json`` is missing or damaged, or nothing vouches for
+            the rows; the message names the file and ends with ``remedy``.
+    """
+    path = Path(path)
+    remedy = remedy or f"delete the folder {path.parent} to run it afresh"
+    if sha256 is None:
+        sha256 = read_json(path.parent / "run.json", remedy=remedy).get("rows_sha256")
+    return pd.read_parquet(verify_file(path, sha256, remedy))
 
 
-def write_json(data: dict[str, Any], path: Path) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=True)
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
+# --------------------------------------------------------------------------------------------
+# provenance
+# --------------------------------------------------------------------------------------------
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
@@ -159,15 +285,19 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``; None when it is not installed."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def provenance(device: torch.device) -> dict[str, Any]:
-    """Git commit (and whether the tree had uncommitted changes), versions, machine, device name."""
+def provenance(device: torch.device | str) -> dict[str, Any]:
+    """Where a result comes from: git commit (and whether the tree had uncommitted changes),
+    Python and package versions, device, device name, torch threads, host. The one provenance
+    helper of the ``experiments`` package (training runs, suite stores, kernel jobs)."""
+    device = torch.device(device)
     status = _git("status", "--porcelain", "--untracked-files=no")
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
@@ -176,7 +306,7 @@ def provenance(device: torch.device) -> dict[str, Any]:
     return {
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
-        "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
+        "versions": {"python": platform.python_version(), **{p: package_version(p) for p in PACKAGES}},
         "device": str(device),
         "device_name": device_name,
         "cpu_threads": torch.get_num_threads(),

@@ -40,7 +40,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ntk.tiles import DistContext, atomic_write_bytes, default_threads, init_distributed, write_json_atomic
+from experiments.processes import die_with_parent
+from experiments.records import read_json, write_bytes, write_json
+from ntk.tiles import DistContext, default_threads, init_distributed
 
 __all__ = ["SweepError", "parse_sweep", "unit_id", "run_sweep", "gather_sweep"]
 
@@ -116,17 +118,17 @@ def _run_unit(fn: UnitFn, unit: dict, out: Path, rank: int) -> str:
     frame = fn(dict(unit), workdir)
     if not isinstance(frame, pd.DataFrame):
         raise SweepError(f"unit {unit} returned {type(frame).__name__}; fn must return a pandas.DataFrame")
-    data = frame.to_parquet(index=False)
-    atomic_write_bytes(out / "units" / f"{uid}.parquet", data)
-    write_json_atomic(out / "units" / f"{uid}.json", {
+    digest = write_bytes(out / "units" / f"{uid}.parquet", frame.to_parquet(index=False))
+    write_json({
         "unit": unit, "unit_id": uid, "rows": len(frame), "seconds": time.perf_counter() - start,
-        "rank": rank, "pid": os.getpid(), "sha256": hashlib.sha256(data).hexdigest(),
+        "rank": rank, "pid": os.getpid(), "sha256": digest,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    })
+    }, out / "units" / f"{uid}.json")
     return uid
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int) -> None:
+    die_with_parent(parent)  # a killed sweep leaves no worker behind
     torch.set_num_threads(threads)
 
 
@@ -164,7 +166,7 @@ def _pool(fn: UnitFn, units: list[dict], out: Path, workers: int, failures: list
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_worker_init, initargs=(max(1, cores // workers),),
+        initializer=_worker_init, initargs=(max(1, cores // workers), os.getpid()),
     ) as pool:
         futures = {pool.submit(_run_unit, fn, u, out, 0): u for u in units}
         for fut in concurrent.futures.as_completed(futures):
@@ -188,7 +190,8 @@ def gather_sweep(out_dir: str | Path, units: list[dict], *, write: bool = True) 
                          "rerun the sweep to compute them")
     frames = []
     for unit, uid in zip(units, ids, strict=True):
-        meta = json.loads((out / "units" / f"{uid}.json").read_text())
+        redo = f"delete units/{uid}.json and units/{uid}.parquet in {out} and rerun"
+        meta = read_json(out / "units" / f"{uid}.json", remedy=redo)
         data = (out / "units" / f"{uid}.parquet").read_bytes()
         if hashlib.sha256(data).hexdigest() != meta.get("sha256") or meta.get("unit") != unit:
             raise SweepError(f"unit {unit} ({uid}) in {out} is corrupt or of another unit; delete "
@@ -200,7 +203,7 @@ def gather_sweep(out_dir: str | Path, units: list[dict], *, write: bool = True) 
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if write:
-        atomic_write_bytes(out / "results.parquet", table.to_parquet(index=False))
+        write_bytes(out / "results.parquet", table.to_parquet(index=False))
     return table
 
 
@@ -256,7 +259,7 @@ def run_sweep(units: list[dict], fn: UnitFn, out_dir: str | Path, *, rank: int |
     try:
         pending = None
         if ctx.rank == 0:
-            write_json_atomic(out / "sweep.json", {"units": units, "unit_ids": ids})
+            write_json({"units": units, "unit_ids": ids}, out / "sweep.json")
             pending = [u for u, i in zip(units, ids, strict=True) if not _finished(out, i)]
         pending = _broadcast(pending, ctx)
         assert pending is not None

@@ -6,10 +6,13 @@
     python -m experiments.train --out runs/ref --method propulsion --option preset=reference
 
 Each run owns a folder: ``rows.parquet`` (tidy rows, see :mod:`experiments.records`), ``run.json``
-(config, hash, provenance, status, summary), ``checkpoint.pt`` while it runs (removed when it
-finishes) and ``best.safetensors`` (the trainable parameters chosen by validation). Running the
-same config on the same folder resumes from the last checkpoint, or returns the stored result of
-a finished run; another config on that folder is refused. ``run.json`` status: running,
+(config, hash, provenance, status, summary, the sha256 of ``rows.parquet`` and of
+``best.safetensors``, and of its own content), ``checkpoint.pt`` while it runs (removed when it
+finishes; it carries its own sha256) and ``best.safetensors`` (the trainable parameters chosen by
+validation). Every file is checked against its sha256 when read: a damaged one is refused by
+name. Running the same config on the same folder resumes from the last checkpoint, or returns the
+stored result of a finished run; another config on that folder is refused, and so is a second
+process while one is training there (a lock held until it exits). ``run.json`` status: running,
 interrupted (Ctrl-C) or failed (an exception; both resume), finished, stopped_nan (a non-finite
 loss or gradient norm stopped it; rows so far kept; returned as is, like a finished run).
 
@@ -50,6 +53,7 @@ from experiments.checkpoint import (
     trainable_state,
 )
 from experiments.encoding import EncodedSplit, EncodedSplits
+from experiments.processes import folder_lock
 from experiments.records import (
     MemoryProbe,
     accuracy,
@@ -57,6 +61,7 @@ from experiments.records import (
     provenance,
     read_json,
     read_rows,
+    write_bytes,
     write_json,
     write_rows,
 )
@@ -191,6 +196,9 @@ class TrainConfig:
         if dict(self.method_options).get("preset", "reference") != "reference":
             raise ValueError(f"unknown propulsion preset {dict(self.method_options)['preset']!r}; "
                              f"known: 'reference'")
+        from experiments.methods import check_options
+
+        check_options(self.method, tuple(k for k, _ in self.method_options if k != "preset"))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -384,10 +392,15 @@ def _to_target(config: TrainConfig, rows: list[dict[str, Any]]) -> tuple[int | N
     return None, None
 
 
+def _afresh(out: Path) -> str:
+    return f"delete {out} to train that run afresh"
+
+
 def _stored_result(out: Path, config: TrainConfig, info: dict[str, Any]) -> RunResult:
     summary = info.get("summary", {})
+    rows = read_rows(out / "rows.parquet", info.get("rows_sha256"), _afresh(out))
     return RunResult(status=info["status"], message=info.get("message", ""), out_dir=out, config=config,
-                     rows=read_rows(out / "rows.parquet"), best_step=summary.get("best_step"),
+                     rows=rows, best_step=summary.get("best_step"),
                      best=summary.get("best"), test=summary.get("test"),
                      steps_to_target=summary.get("steps_to_target"),
                      seconds_to_target=summary.get("seconds_to_target"),
@@ -423,18 +436,28 @@ def train(config: TrainConfig, out_dir: str | Path, *, model: nn.Module | None =
 
     Raises:
         ValueError: ``out_dir`` holds a run of another config or data; labels outside the head's
-            range; a batch larger than the training split; CUDA or mixed precision unavailable.
+            range; a batch larger than the training split; CUDA or mixed precision unavailable;
+            ``out_dir`` cannot be written.
+        experiments.records.DamagedFileError: ``run.json``, ``rows.parquet`` or the checkpoint
+            does not match its sha256 (the message names the file).
+        experiments.processes.FolderLockedError: another process is training into ``out_dir``.
     """
     out = Path(out_dir)
+    with folder_lock(out):
+        return _train(config, out, model=model, data=data, callbacks=callbacks, progress=progress)
+
+
+def _train(config: TrainConfig, out: Path, *, model: nn.Module | None, data: EncodedSplits | None,
+           callbacks: Sequence[Callback], progress: bool) -> RunResult:
+    """:func:`train` once ``out`` is locked for this process."""
     run_path, ckpt_path = out / "run.json", out / CHECKPOINT_NAME
     chash = config.config_hash()
-    stored = read_json(run_path) if run_path.exists() else None
+    stored = read_json(run_path, remedy=_afresh(out)) if run_path.exists() else None
     if stored is not None and stored.get("config_hash") != chash:
         raise ValueError(f"{out} holds a run of another config (hash {stored.get('config_hash')}, this one "
                          f"{chash}); choose another --out folder or delete {out} to start afresh")
     if stored is not None and stored.get("status") in TERMINAL:
         return _stored_result(out, config, stored)
-    out.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(config)
 
     # ---- data, model, method, optimiser: all seeded from config.seed
@@ -526,7 +549,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, model: nn.Module | None =
         return metrics
 
     def save_progress(status: str, message: str = "", summary: dict[str, Any] | None = None) -> None:
-        write_rows(rows, out / "rows.parquet")
+        info["rows_sha256"] = write_rows(rows, out / "rows.parquet")  # run.json vouches for the rows
         info.update(status=status, message=message, updated=_now())
         if summary is not None:
             info["summary"] = summary
@@ -625,11 +648,10 @@ def train(config: TrainConfig, out_dir: str | Path, *, model: nn.Module | None =
         test = {k: float(v) for k, v in test_metrics.items()}
         rows.append({"step": best["step"], "kind": "test", **test_metrics, "selected_by": config.select_by})
         if config.save_best:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            tmp = out / ".best.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in best["state"].items()}, str(tmp))
-            tmp.replace(out / "best.safetensors")
+            info["best_sha256"] = write_bytes(out / "best.safetensors",
+                                              save({k: v.contiguous() for k, v in best["state"].items()}))
         message = (f"finished {config.steps} steps; validation {config.select_by} "
                    f"{best['metrics'][config.select_by]:.4f} at step {best['step']}; test accuracy "
                    f"{test['accuracy']:.4f}")
@@ -642,7 +664,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, model: nn.Module | None =
     save_progress(status, message, summary)
     ckpt_path.unlink(missing_ok=True)
     return RunResult(status=status, message=message, out_dir=out, config=config,
-                     rows=read_rows(out / "rows.parquet"), best_step=best_step, best=best_metrics,
+                     rows=read_rows(out / "rows.parquet", info["rows_sha256"], _afresh(out)),
+                     best_step=best_step, best=best_metrics,
                      test=test, steps_to_target=steps_to_target, seconds_to_target=seconds_to_target,
                      trainable_parameters=n_trainable, model=model)
 
@@ -704,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options.append((key, _parse_value(value)))
         config = TrainConfig(**values, method_options=tuple(options))
         result = train(config, args.out, progress=not args.no_progress)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # incl. damaged files, a locked folder
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     print(f"{result.status}: {result.message}")

@@ -270,10 +270,12 @@ def _finished(out_dir: Path, tiles: list[Tile], config_hash: str) -> set[tuple[i
         meta = out_dir / "tiles" / f"{t.name}.json"
         if not meta.exists():
             continue
-        found = _read_json(meta).get("config_hash")
+        manifest = _read_json(meta)
+        found = manifest.get("config_hash")
         if found != config_hash:
             raise TileError(f"tile {meta} belongs to another config ({str(found)[:12]} != "
                             f"{config_hash[:12]}); delete it or use a new out_dir")
+        _check_position(meta, manifest, t, f"delete {meta.name} and {meta.stem}.safetensors, rerun the job")
         if (out_dir / "tiles" / f"{t.name}.safetensors").exists():
             done.add((t.i, t.j))
     return done
@@ -415,7 +417,9 @@ def assemble_kernel(out_dir: str | Path, *, mmap: bool | None = None) -> torch.T
         The kernel of shape ``job.json["kernel_shape"]``: (N1, N2), (N1, N2, C) or (N1, N2, C, C).
 
     Raises:
-        TileError: job.json missing, tiles missing (listed), a tile of another config, or a
+        TileError: job.json missing, tiles missing (listed), a tile of another config, a tile
+            of another position (its manifest's i, j and the file's own ``tile`` entry are
+            checked against the position read for), a file that is not safetensors, or a
             corrupt tile (sha256, shape or dtype mismatch): delete the named files and rerun
             the job, which recomputes exactly those tiles.
     """
@@ -462,6 +466,15 @@ def assemble_kernel(out_dir: str | Path, *, mmap: bool | None = None) -> torch.T
     return np.load(out / "kernel.npy", mmap_mode="r")
 
 
+def _check_position(meta_path: Path, meta: dict, t: Tile, redo: str) -> None:
+    """A manifest must describe the tile it is read for: same i, j, rows and columns."""
+    found = (meta.get("i"), meta.get("j"), meta.get("rows"), meta.get("cols"))
+    if found != (t.i, t.j, list(t.rows), list(t.cols)):
+        raise TileError(f"{meta_path} describes tile i={found[0]}, j={found[1]} (rows {found[2]}, cols "
+                        f"{found[3]}) but is read for i={t.i}, j={t.j} (rows {list(t.rows)}, cols "
+                        f"{list(t.cols)}): a tile copied over another; {redo}")
+
+
 def _read_tile(out: Path, t: Tile, job: dict, dtype: torch.dtype) -> torch.Tensor:
     meta = _read_json(out / "tiles" / f"{t.name}.json")
     where = out / "tiles" / f"{t.name}.safetensors"
@@ -475,7 +488,18 @@ def _read_tile(out: Path, t: Tile, job: dict, dtype: torch.dtype) -> torch.Tenso
         raise TileError(f"tile {where} is unreadable ({exc}); {redo}") from exc
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         raise TileError(f"tile {where} is corrupt (sha256 differs from its manifest); {redo}")
-    block = st_load(data)["kernel"]
+    _check_position(where.with_suffix(".json"), meta, t, redo)
+    try:
+        header_size = int.from_bytes(data[:8], "little")
+        own = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
+        block = st_load(data)["kernel"]
+    except Exception as exc:  # a pickle, a truncated or foreign file: never a raw parser error
+        raise TileError(f"tile {where} is not a safetensors file holding a 'kernel' tensor "
+                        f"({type(exc).__name__}); {redo}") from None
+    if own.get("tile") != t.name or own.get("config_hash") != job["config_hash"]:
+        raise TileError(f"tile {where} says it is tile {own.get('tile')!r} of config "
+                        f"{str(own.get('config_hash'))[:12]}, but position {t.name} of config "
+                        f"{job['config_hash'][:12]} is read (a tile copied over another?); {redo}")
     expected = [t.rows[1] - t.rows[0], t.cols[1] - t.cols[0], *job["kernel_shape"][2:]]
     if list(block.shape) != expected or block.dtype != dtype:
         raise TileError(f"tile {where} has shape {list(block.shape)} / {block.dtype}, expected "

@@ -50,6 +50,28 @@ def test_report_names_incomplete_and_missing_results(tmp_path):
         write_report(tmp_path, tmp_path / "claims.md")
     Store(tmp_path, e7.NAME, e7.PRESETS["tiny"])  # opened, nothing computed
     text = write_report(tmp_path, tmp_path / "claims").read_text()
-    assert "## Not evaluated" in text and "counts/roberta-base" in text
+    assert "## Missing or partial experiments" in text and "counts/roberta-base" in text
+    assert f"`propulsion-ntk run e7 --out {tmp_path} --preset tiny`" in text  # resumes that very config
     with pytest.raises(MissingResultError, match="counts/roberta-base"):
         draw_figures(tmp_path, tmp_path / "figs")
+
+
+def test_report_lists_every_experiment_that_never_ran_with_its_command(results):
+    """A folder holding only e7: e1..e6 are each named, with the line that fills them."""
+    from experiments.suite import EXPERIMENTS
+
+    md = write_report(results / "runs", results / "only-e7" / "claims.md")
+    text, html = md.read_text(), md.with_suffix(".html").read_text()
+    others = [name for name in EXPERIMENTS if name != e7.NAME]
+    assert len(others) == 6
+    for name in others:
+        short = name.split("_", 1)[0]
+        line = f"propulsion-ntk run {short} --out {results / 'runs'} --preset tiny"
+        assert f"- {name} (" in text and "never ran" in text and f"`{line}`" in text
+        assert f"<code>{line}</code>" in html
+    assert f"- {e7.NAME} (" not in text  # complete: not listed
+
+
+def test_report_refuses_the_folder_of_one_experiment(results):
+    with pytest.raises(ValueError, match="results folder of one experiment; give its parent"):
+        write_report(results / "runs" / e7.NAME, results / "x" / "claims.md")

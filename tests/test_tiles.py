@@ -161,3 +161,43 @@ def test_job_manifest_describes_the_job(tmp_path):
     assert job["n_parameters"] == sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
     meta = json.loads((tmp_path / "tiles" / "r00002_c00001.json").read_text())
     assert meta["rows"] == [4, 5] and meta["cols"] == [2, 4] and meta["shape"] == [1, 2, 2]
+
+
+def _copy(src, dst):
+    dst.write_bytes(src.read_bytes())
+
+
+@pytest.mark.parametrize("how", ["both files", "tensor file only, manifest sha edited"])
+def test_tile_copied_over_another_position_is_refused(tmp_path, how):
+    """Same config, same shape: only the position tells the two tiles apart."""
+    model, x1, _ = _setup("mlp", 9)
+    compute_tiles(model, x1, out_dir=tmp_path, params="all", output="trace", tile_size=3)
+    tiles = tmp_path / "tiles"
+    src, dst = tiles / "r00000_c00001", tiles / "r00000_c00002"
+    _copy(src.with_suffix(".safetensors"), dst.with_suffix(".safetensors"))
+    if how == "both files":
+        _copy(src.with_suffix(".json"), dst.with_suffix(".json"))
+        match = "describes tile i=0, j=1 .* read for i=0, j=2"
+    else:
+        meta = json.loads(dst.with_suffix(".json").read_text())
+        meta["sha256"] = json.loads(src.with_suffix(".json").read_text())["sha256"]
+        dst.with_suffix(".json").write_text(json.dumps(meta))
+        match = "says it is tile 'r00000_c00001'.*position r00000_c00002"
+    with pytest.raises(TileError, match=match):
+        assemble_kernel(tmp_path)
+
+
+def test_a_pickle_in_place_of_a_tile_is_named_not_a_raw_parser_error(tmp_path):
+    import hashlib
+    import pickle
+
+    model, x1, _ = _setup("mlp", 6)
+    compute_tiles(model, x1, out_dir=tmp_path, params="all", output="trace", tile_size=3)
+    path = tmp_path / "tiles" / "r00000_c00001.safetensors"
+    data = pickle.dumps({"kernel": np.zeros((3, 3))})
+    path.write_bytes(data)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["sha256"] = hashlib.sha256(data).hexdigest()  # the manifest vouches for it
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(TileError, match=f"tile {path} is not a safetensors file .*delete"):
+        assemble_kernel(tmp_path)

@@ -21,10 +21,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from experiments.processes import folder_lock
 from experiments.suite.base import ExperimentConfig, MissingResultError, Store
 
 __all__ = ["EXPERIMENTS", "PRESET_NAMES", "get_experiment", "run_experiment", "draw_figures",
-           "write_report", "open_results", "sweep_unit"]
+           "write_report", "open_results", "sweep_unit", "fill_command"]
 
 PRESET_NAMES = ("tiny", "quick", "study", "full")
 _REQUIRED = ("NAME", "TITLE", "CLAIMS", "Config", "PRESETS", "main", "figures", "verdicts")
@@ -92,14 +93,21 @@ def run_experiment(name: str, preset: str = "quick", *, out: str | Path = "runs/
         changes["device"] = device
     config = config.replace(**changes)
     config.resolve_device()  # a missing CUDA fails here, before any file is written
-    store = Store(out, module.NAME, config)
-    module.main(config, store, progress=progress)
-    store.provenance(preset=preset)
+    with folder_lock(Path(out) / module.NAME):  # one writer per results folder
+        store = Store(out, module.NAME, config)
+        module.main(config, store, progress=progress)
+        store.provenance(preset=preset)
     return store
 
 
 def _present(results_dir: str | Path) -> list[ModuleType]:
     root = Path(results_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not a results folder; give the folder that `propulsion-ntk run` "
+                         "wrote (one subfolder per experiment)")
+    if (root / "config.json").is_file():
+        raise ValueError(f"{root} is the results folder of one experiment; give its parent folder "
+                         f"{root.parent} (the one holding a subfolder per experiment)")
     present = [m for key, m in EXPERIMENTS.items() if (root / key / "config.json").is_file()]
     if not present:
         raise MissingResultError(f"no experiment results in {root} (no {{name}}/config.json); run "
@@ -151,6 +159,29 @@ def sweep_unit(unit: dict[str, Any], workdir: Path) -> Any:
              "value": v.value, "measurement": v.measurement, "results": str(store.dir)}
             for v in module.verdicts(store, store.config)]
     return pd.DataFrame(rows)
+
+
+def fill_command(name: str, results_dir: str | Path, config: ExperimentConfig | None = None,
+                 preset: str = "quick") -> str:
+    """The ``propulsion-ntk run`` line that computes the missing units of experiment ``name``.
+
+    With ``config`` (the one recorded in its folder) the line has the preset closest to it and
+    a ``--set`` for every other field that differs, so it resumes that very configuration;
+    without, it runs ``preset``.
+    """
+    module = get_experiment(name)
+    line = f"propulsion-ntk run {module.NAME.split('_', 1)[0]} --out {results_dir}"
+    if config is None:
+        return f"{line} --preset {preset}"
+    recorded = config.to_dict()
+
+    def differences(p: str) -> list[str]:
+        base = module.PRESETS[p].to_dict()
+        return [k for k in recorded if k != "device" and recorded[k] != base.get(k)]
+
+    best = min(module.PRESETS, key=lambda p: (len(differences(p)), p != preset))
+    sets = " ".join(f"{k}={_text(recorded[k])}" for k in differences(best))
+    return f"{line} --preset {best}" + (f" --set {sets}" if sets else "")
 
 
 def _text(value: Any) -> str:

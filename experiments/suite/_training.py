@@ -9,7 +9,6 @@ per run.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,8 @@ import pandas as pd
 
 from experiments.callbacks import Callback
 from experiments.encoding import EncodedSplits
+from experiments.processes import die_with_parent
+from experiments.records import read_json
 from experiments.suite.base import Store
 from experiments.train import TrainConfig, train
 
@@ -66,7 +67,7 @@ def run_training(
     if isolate:
         _train_in_fresh_process(config, out, callbacks, data, progress)
     result = train(config, out, callbacks=callbacks, data=data, progress=progress)  # stored if isolated
-    info = json.loads((out / "run.json").read_text())
+    info = read_json(out / "run.json", remedy=f"delete {out} to train that run afresh")
     rows = result.rows.copy()
     rows.insert(0, "run", unit)
     rows["status"] = result.status
@@ -80,19 +81,27 @@ def run_training(
     return rows
 
 
-def _child(config: TrainConfig, out: str, callbacks: Sequence[Callback], data: EncodedSplits | None,
-           progress: bool) -> None:
+def _child(parent: int, config: TrainConfig, out: str, callbacks: Sequence[Callback],
+           data: EncodedSplits | None, progress: bool) -> None:
+    die_with_parent(parent)  # a killed suite leaves no training behind
     train(config, out, callbacks=callbacks, data=data, progress=progress)
 
 
 def _train_in_fresh_process(config: TrainConfig, out: Path, callbacks: Sequence[Callback],
                             data: EncodedSplits | None, progress: bool) -> None:
+    """Train in a spawned child that dies with this process (and is killed if this one stops)."""
     import multiprocessing
+    import os
 
     process = multiprocessing.get_context("spawn").Process(
-        target=_child, args=(config, str(out), list(callbacks), data, progress), daemon=False)
+        target=_child, args=(os.getpid(), config, str(out), list(callbacks), data, progress), daemon=False)
     process.start()
-    process.join()
+    try:
+        process.join()
+    finally:  # Ctrl-C or an error here: the child must not train on alone
+        if process.is_alive():
+            process.kill()
+            process.join()
     if process.exitcode != 0:
         raise RuntimeError(f"the training run in {out} failed in its own process (exit code "
                            f"{process.exitcode}); its error is printed above; run again to resume it")

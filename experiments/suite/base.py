@@ -4,8 +4,10 @@
   ``Config`` subclasses it and holds its sizes and its verdict thresholds as fields.
 * :class:`Store` - the results folder of one experiment, ``root/name/``: ``config.json``,
   ``units/<unit>.parquet`` (tables) or ``units/<unit>.safetensors`` (arrays), each followed by a
-  ``units/<unit>.done`` marker, and ``provenance.json``. Every file is written to a temporary
-  file in its folder and moved into place, so an interrupted unit is simply not done.
+  ``units/<unit>.done`` marker holding its sha256, and ``provenance.json``. Every file is
+  written to a temporary file in its folder and moved into place, so an interrupted unit is
+  simply not done; every file is checked against its sha256 when read, so a damaged one is
+  refused by name.
 * :class:`Verdict` and :func:`decide` - a verdict is derived from a number and two stated rules,
   never written by hand.
 """
@@ -18,21 +20,25 @@ import hashlib
 import json
 import math
 import operator
-import os
-import platform
 import re
-import subprocess
-import tempfile
 import time
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
+
+from experiments.records import (
+    atomic_path,
+    provenance,
+    read_json,
+    verify_file,
+    write_bytes,
+    write_json,
+)
 
 __all__ = [
     # configs
@@ -89,6 +95,12 @@ class ExperimentConfig:
             raise ValueError(f"kernel_dtype must be one of {', '.join(_DTYPES)}, got {self.kernel_dtype!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        for f in dataclasses.fields(self):  # a list of what to run may not be empty
+            value = getattr(self, f.name)
+            if isinstance(value, tuple) and not value and not f.metadata.get("may_be_empty"):
+                example = ",".join(str(v) for v in f.default) if isinstance(f.default, tuple) else "..."
+                raise ValueError(f"{type(self).__qualname__}.{f.name} needs at least one value, got none; "
+                                 f"give some, e.g. --set {f.name}={example}")
 
     # -- views -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -142,12 +154,19 @@ class ExperimentConfig:
 
 
 def parse_assignments(pairs: Sequence[str]) -> dict[str, str]:
-    """``["a=1", "b=x,y"]`` -> ``{"a": "1", "b": "x,y"}`` (the CLI's ``--set``)."""
+    """``["a=1", "b=x,y"]`` -> ``{"a": "1", "b": "x,y"}`` (the CLI's ``--set``, every flag).
+
+    Raises:
+        ValueError: an item without ``key=``, or a key given twice (which value was meant?).
+    """
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {pair!r}")
+        if key.strip() in out:
+            raise ValueError(f"--set gives {key.strip()} twice ({out[key.strip()]!r} and {value.strip()!r}); "
+                             "give it once (lists as one comma-separated value)")
         out[key.strip()] = value.strip()
     return out
 
@@ -171,10 +190,15 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
     if origin is Literal:
         return value
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",")] if value.strip() else []
+            if "" in items:
+                raise ValueError(f"field {name}: {value!r} has an empty item; give comma-separated values "
+                                 "without empty ones")
+        else:
+            items = list(value)
         item_kind = args[0] if args else str
-        return tuple(_convert(name, v.strip() if isinstance(v, str) else v, item_kind) for v in items
-                     if not (isinstance(v, str) and v.strip() == ""))
+        return tuple(_convert(name, v, item_kind) for v in items)
     if not isinstance(value, str) or kind is str:
         return value
     try:
@@ -192,30 +216,11 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
 
 # -------------------------------------------------------------------------------- results ----
 class ResultsMismatchError(ValueError):
-    """A results folder holds results of another configuration."""
+    """A results folder holds results of another configuration or of another experiment."""
 
 
 class MissingResultError(FileNotFoundError):
     """A unit of results that a figure or a verdict needs has not been computed."""
-
-
-@contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary path in ``target``'s folder; moved onto ``target`` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 _UNIT_PART = re.compile(r"^[A-Za-z0-9_=+,-][A-Za-z0-9_.=+,-]*$")
@@ -232,12 +237,15 @@ def _check_unit(unit: str) -> str:
 class Store:
     """The results folder ``root/name`` of one experiment under one configuration.
 
-    Opening writes ``config.json`` (atomically) or checks that the one there has the same
-    :meth:`ExperimentConfig.config_hash`; a unit is done once its ``.done`` marker exists, which
-    is written only after its data file is in place.
+    Opening writes ``config.json`` or checks that the one there has the same
+    :meth:`ExperimentConfig.config_hash`. A unit is done once its ``.done`` marker exists; the
+    marker is written only after its data file is in place and records that file's sha256.
+    Every JSON file carries the sha256 of its content (:func:`experiments.records.write_json`),
+    and every read checks it: a damaged file is refused with its name, never read as numbers.
 
     Raises:
-        ResultsMismatchError: ``root/name`` holds results of another configuration.
+        ResultsMismatchError: ``root/name`` holds results of another configuration or experiment.
+        DamagedFileError: ``config.json`` is truncated, edited or damaged.
     """
 
     def __init__(self, root: str | Path, name: str, config: ExperimentConfig) -> None:
@@ -247,28 +255,19 @@ class Store:
         self.hash = config.config_hash(name)
         self._opened = time.perf_counter()
         path = self.dir / "config.json"
-        if path.exists():
-            stored = json.loads(path.read_text())
-            if stored.get("config_hash") != self.hash and not self._same_identity(stored):
-                raise ResultsMismatchError(
-                    f"{self.dir} holds results of another configuration (config hash "
-                    f"{str(stored.get('config_hash'))[:12]}..., this run {self.hash[:12]}...); "
-                    "give another --out folder, or delete that folder to recompute"
-                )
-        if not path.exists() or json.loads(path.read_text()).get("config") != config.to_dict():
+        stored = _read_config(path, name) if path.exists() else None
+        if stored is not None and stored.get("config_hash") != self.hash:
+            raise ResultsMismatchError(
+                f"{self.dir} holds results of another configuration (config hash "
+                f"{str(stored.get('config_hash'))[:12]}..., this run {self.hash[:12]}...); "
+                "give another --out folder, or delete that folder to recompute"
+            )
+        if stored is None or stored.get("config") != config.to_dict():
             # new, or the same computation judged by other thresholds (or run on another device)
-            _write_json(path, {"experiment": name, "config_hash": self.hash,
-                               "config_class": type(config).__qualname__, "config": config.to_dict()})
+            write_json({"experiment": name, "config_hash": self.hash,
+                        "config_class": type(config).__qualname__, "config": config.to_dict()}, path)
         self.reused: list[str] = self.units()
         self.computed: list[str] = []
-
-    def _same_identity(self, stored: dict[str, Any]) -> bool:
-        """A config.json written before thresholds left the hash: same identity, other hash."""
-        values = stored.get("config")
-        if not isinstance(values, dict):
-            return False
-        old = {k: v for k, v in values.items() if k != "device" and not is_threshold(k)}
-        return old == self.config.identity()
 
     @classmethod
     def open_existing(cls, root: str | Path, name: str, config_cls: type[ExperimentConfig]) -> Store:
@@ -277,11 +276,22 @@ class Store:
         if not path.is_file():
             raise MissingResultError(f"no results of {name} in {Path(root)} ({path} is missing); "
                                      f"run `propulsion-ntk run {name} --out {root}` first")
-        return cls(root, name, config_cls.from_dict(json.loads(path.read_text())["config"]))
+        stored = _read_config(path, name)
+        try:
+            config = config_cls.from_dict(stored["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ResultsMismatchError(
+                f"{path} does not hold a configuration of {name} ({exc}); delete {path.parent} and run "
+                f"`propulsion-ntk run {name} --out {root}`") from exc
+        return cls(root, name, config)
 
     # -- units -----------------------------------------------------------------------------------
     def _marker(self, unit: str) -> Path:
         return self.units_dir / f"{_check_unit(unit)}.done"
+
+    def _redo(self, unit: str) -> str:
+        return (f"delete {self._marker(unit).with_suffix('.*')} to recompute that unit with "
+                f"`propulsion-ntk run {self.name} --out {self.root}`")
 
     def done(self, unit: str) -> bool:
         return self._marker(unit).is_file()
@@ -294,57 +304,57 @@ class Store:
                  for p in self.units_dir.rglob("*.done") if not p.name.startswith("."))
         return sorted(n for n in names if n.startswith(prefix))
 
-    def _finish(self, unit: str, kind: str, data: Path) -> None:
-        _write_json(self._marker(unit), {"kind": kind, "file": data.name})
+    def _finish(self, unit: str, kind: str, data: Path, sha256: str) -> None:
+        write_json({"kind": kind, "file": data.name, "sha256": sha256}, self._marker(unit))
         if unit not in self.computed:
             self.computed.append(unit)
 
+    def _kind(self, unit: str) -> dict[str, Any]:
+        return read_json(self._marker(unit), remedy=self._redo(unit))
+
     def _data(self, unit: str, kind: str, suffix: str) -> Path:
+        """The data file of a done unit, after checking it against the sha256 in its marker."""
         marker = self._marker(unit)
         if not marker.is_file():
             raise MissingResultError(
                 f"unit {unit!r} of {self.name} is not in {self.dir} (not computed, or interrupted); "
                 f"run `propulsion-ntk run {self.name} --out {self.root}` to compute it"
             )
-        stored = json.loads(marker.read_text())["kind"]
-        if stored != kind:
-            raise ValueError(f"unit {unit!r} of {self.name} holds {stored}, not {kind}")
-        return marker.with_suffix(suffix)
+        stored = self._kind(unit)
+        if stored.get("kind") != kind:
+            raise ValueError(f"unit {unit!r} of {self.name} holds {stored.get('kind')}, not {kind}")
+        return verify_file(marker.with_suffix(suffix), stored.get("sha256"), self._redo(unit))
 
     def save_table(self, unit: str, frame: pd.DataFrame) -> None:
         """Write ``frame`` to ``units/<unit>.parquet`` atomically, then mark the unit done."""
         if "unit" in frame.columns:
             raise ValueError("a saved table may not have a column named 'unit' (Store.table adds it)")
         path = self._marker(unit).with_suffix(".parquet")
-        with atomic_path(path) as tmp:
-            frame.to_parquet(tmp, index=False)
-        self._finish(unit, "table", path)
+        self._finish(unit, "table", path, write_bytes(path, frame.to_parquet(index=False)))
 
     def load_table(self, unit: str) -> pd.DataFrame:
         return pd.read_parquet(self._data(unit, "table", ".parquet"))
 
     def save_arrays(self, unit: str, **arrays: Any) -> None:
         """Write named arrays to ``units/<unit>.safetensors`` atomically, then mark the unit done."""
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         if not arrays:
             raise ValueError(f"save_arrays({unit!r}) got no arrays")
         data = {k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
         path = self._marker(unit).with_suffix(".safetensors")
-        with atomic_path(path) as tmp:
-            save_file(data, str(tmp))
-        self._finish(unit, "arrays", path)
+        self._finish(unit, "arrays", path, write_bytes(path, save(data)))
 
     def load_arrays(self, unit: str) -> dict[str, np.ndarray]:
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
-        return dict(load_file(str(self._data(unit, "arrays", ".safetensors"))))
+        return dict(load(self._data(unit, "arrays", ".safetensors").read_bytes()))
 
     def table(self, prefix: str = "") -> pd.DataFrame:
         """All tables under ``prefix`` concatenated, with a ``unit`` column; empty if none."""
         frames = []
         for unit in self.units(prefix):
-            if json.loads(self._marker(unit).read_text())["kind"] == "table":
+            if self._kind(unit).get("kind") == "table":
                 frames.append(self.load_table(unit).assign(unit=unit))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"unit": []})
 
@@ -365,10 +375,7 @@ class Store:
         device = resolve_device(self.config.device)
         peak: dict[str, float] = {}
         if device == "cuda":
-            name = torch.cuda.get_device_name()
             peak["cuda_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            name = platform.processor() or platform.machine()
         try:
             import resource
 
@@ -377,39 +384,30 @@ class Store:
             pass
         payload = {
             "experiment": self.name, "config_hash": self.hash, "config": self.config.to_dict(),
-            **_git_state(), "versions": _versions(), "device": device, "device_name": name,
-            "torch_threads": torch.get_num_threads(),
+            **provenance(device),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": round(time.perf_counter() - self._opened, 3), **peak,
             "units_reused": self.reused, "units_computed": self.computed, **extra,
         }
         path = self.dir / "provenance.json"
-        _write_json(path, payload)
+        write_json(payload, path)
         return path
 
-
-def _git_state() -> dict[str, Any]:
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                    capture_output=True, text=True, check=True, timeout=10).stdout.strip())
-        return {"git_commit": commit, "git_dirty": dirty}
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown", "git_dirty": None}
+    def read_provenance(self) -> dict[str, Any]:
+        """``provenance.json`` (checksum verified); empty when the run has not finished yet."""
+        path = self.dir / "provenance.json"
+        redo = f"delete {path} and run `propulsion-ntk run {self.name} --out {self.root}` to rewrite it"
+        return read_json(path, remedy=redo) if path.is_file() else {}
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("propulsion-ntk", "torch", "transformers", "peft", "numpy", "pandas"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+def _read_config(path: Path, name: str) -> dict[str, Any]:
+    """``config.json`` of experiment ``name``, verified; another experiment's is refused."""
+    stored = read_json(path, remedy=f"delete {path.parent} to recompute its results")
+    if stored.get("experiment") != name:
+        raise ResultsMismatchError(
+            f"{path.parent} holds results of experiment {stored.get('experiment')!r}, not {name!r}; "
+            f"give the folder that holds one subfolder per experiment, or another --out folder")
+    return stored
 
 
 # -------------------------------------------------------------------------------- verdicts ---

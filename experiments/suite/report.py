@@ -9,12 +9,12 @@ give the same bytes.
 from __future__ import annotations
 
 import html
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.suite.base import MissingResultError, Verdict, atomic_path
+from experiments.records import atomic_path
+from experiments.suite.base import MissingResultError, Verdict
 
 __all__ = ["CLAIM_TITLES", "ExperimentVerdicts", "collect", "render_markdown", "render_html", "write_report"]
 
@@ -41,28 +41,48 @@ class ExperimentVerdicts:
     config: dict
     provenance: dict
     verdicts: tuple[Verdict, ...]
-    missing: str | None  # why there are no verdicts (results incomplete), else None
+    missing: str | None  # why the results are missing or partial, else None
+    command: str | None = None  # the `propulsion-ntk run` line that fills them, when missing
 
 
 def collect(results_dir: str | Path) -> list[ExperimentVerdicts]:
-    """Verdicts of every experiment with results in ``results_dir``, in registry order.
+    """Verdicts of every experiment of the suite, in registry order, from ``results_dir``.
 
-    An experiment whose results lack units is listed with the reason instead of verdicts.
+    An experiment that never ran, or whose results lack units or never finished (no
+    ``provenance.json``), is listed with the reason and the command that fills it.
+
+    Raises:
+        MissingResultError: ``results_dir`` holds no experiment results at all.
+        DamagedFileError: a stored file does not match its checksum (named in the message).
     """
-    from experiments.suite import _present, open_results
+    from experiments.suite import EXPERIMENTS, _present, fill_command, open_results
 
-    out = []
-    for module in _present(results_dir):
-        store = open_results(results_dir, module.NAME)
-        prov_path = store.dir / "provenance.json"
-        prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    present = {m.NAME for m in _present(results_dir)}
+    out, presets = [], []
+    for name, module in EXPERIMENTS.items():
+        if name not in present:
+            continue
+        store = open_results(results_dir, name)
+        prov = store.read_provenance()
         try:
             verdicts, missing = tuple(module.verdicts(store, store.config)), None
         except MissingResultError as exc:
-            verdicts, missing = (), str(exc)
-        out.append(ExperimentVerdicts(module.NAME, module.TITLE, prov.get("preset"), store.config.to_dict(),
-                                      prov, verdicts, missing))
-    return out
+            verdicts, missing = (), f"partial: {exc}"
+        if missing is None and not prov:
+            missing = ("partial: the run did not finish (no provenance.json); its verdicts may rest on "
+                       "part of its units")
+        presets.append(prov.get("preset"))
+        command = fill_command(name, results_dir, store.config) if missing else None
+        out.append(ExperimentVerdicts(name, module.TITLE, prov.get("preset"), store.config.to_dict(),
+                                      prov, verdicts, missing, command))
+    preset = next((p for p in presets if p), "quick")
+    for name, module in EXPERIMENTS.items():
+        if name not in present:
+            out.append(ExperimentVerdicts(name, module.TITLE, None, {}, {}, (), "never ran: no results in "
+                                          f"{Path(results_dir) / name}",
+                                          fill_command(name, results_dir, preset=preset)))
+    order = list(EXPERIMENTS)
+    return sorted(out, key=lambda e: order.index(e.name))
 
 
 Row = tuple[ExperimentVerdicts, Verdict]
@@ -123,10 +143,13 @@ def render_markdown(experiments: list[ExperimentVerdicts], fig_dir: Path, out_di
                           f"- Figure `{v.figure}` not drawn yet (run `propulsion-ntk figures`)"]
     missing = [e for e in experiments if e.missing]
     if missing:
-        lines += ["", "## Not evaluated", ""]
-        lines += [f"- {e.name} ({e.title}): {e.missing}" for e in missing]
+        lines += ["", "## Missing or partial experiments", "",
+                  _MISSING_NOTE, ""]
+        lines += [f"- {e.name} ({e.title}): {e.missing}\n  `{e.command}`" for e in missing]
     return "\n".join(lines) + "\n"
 
+
+_MISSING_NOTE = "Their claims are not (or not fully) judged above; each command computes what is missing."
 
 _CSS = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em;vertical-align:top}"
@@ -168,8 +191,10 @@ def render_html(experiments: list[ExperimentVerdicts], fig_dir: Path, out_dir: P
                              f"<p>Figure <code>{e(str(v.figure))}</code> not drawn yet.</p>")
     missing = [x for x in experiments if x.missing]
     if missing:
-        parts += ["<h2>Not evaluated</h2><ul>"]
-        parts += [f"<li>{e(x.name)}: {e(str(x.missing))}</li>" for x in missing]
+        parts += ["<h2>Missing or partial experiments</h2>",
+                  f"<p>{_MISSING_NOTE}</p><ul>"]
+        parts += [f"<li>{e(x.name)} ({e(x.title)}): {e(str(x.missing))}<br>"
+                  f"<code>{e(str(x.command))}</code></li>" for x in missing]
         parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
