@@ -1,15 +1,21 @@
 """Inject Propulsion into a model, freeze the rest, merge, unmerge and unload.
 
 Mirrors peft's vocabulary: ``get_propulsion_model``, ``merge_and_unload``, ``unload``,
-``print_trainable_parameters``. Wrapping is in place and atomic: every check runs before the
-first module is replaced, so an error leaves the model as it was.
+``print_trainable_parameters``. Every call is atomic: all checks run before the first module or
+tensor changes, so an error leaves the model as it was.
+
+Shared modules and weights: a module registered at several paths is wrapped once and the same
+wrapper sits at every path (one ``z``). A weight held by two different modules (a tied embedding
+and LM head) gets one ``z`` per module; the wrapped model computes that exactly, but one tensor
+cannot hold two different scalings, so merging into a shared weight is refused.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,6 +23,7 @@ from torch import nn
 from propulsion.config import PropulsionConfig
 from propulsion.errors import PropulsionError, TargetError
 from propulsion.layer import ADAPTER_PARAMETER, WRAPPERS, PropulsionLayer
+from propulsion.sharing import all_paths, holders, tensor_index
 
 __all__ = [
     "adapter_state",
@@ -40,9 +47,25 @@ class _PropulsionState:
     """Book-keeping stored on the wrapped model (a plain attribute, not in the state dict)."""
 
     config: PropulsionConfig
-    wrapped: list[str]  # module paths that now hold a PropulsionLayer
+    wrapped: list[str]  # first module path of every wrapper
     saved: list[str]  # module paths trained in full (modules_to_save)
     requires_grad_before: dict[str, bool]  # parameter name -> flag before wrapping
+    # wrapper path -> copy of its base layer's bias taken at wrapping (train_bias only): what
+    # unload() puts back so that it returns the untouched base model
+    original_biases: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# Base layer -> its live wrapper, so that a module already wrapped is never wrapped again (two
+# z on one layer), even when reached from another root model.
+_WRAPPED_BASES: weakref.WeakKeyDictionary[nn.Module, weakref.ref[PropulsionLayer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _live_wrapper(module: nn.Module) -> PropulsionLayer | None:
+    ref = _WRAPPED_BASES.get(module)
+    wrapper = ref() if ref is not None else None
+    return wrapper if wrapper is not None and wrapper.base_layer is module else None
 
 
 def _matches_suffix(path: str, suffix: str) -> bool:
@@ -79,15 +102,30 @@ def _examples(modules: dict[str, nn.Module], n: int = 6) -> str:
     return ", ".join(repr(t) for t in tails[:n]) + (", ..." if len(tails) > n else "")
 
 
-def _select_targets(model: nn.Module, config: PropulsionConfig) -> tuple[list[str], list[str]]:
-    """Module paths to wrap and module paths to train in full, or a TargetError."""
-    modules = dict(model.named_modules())
-    modules.pop("", None)
+def _select_targets(
+    model: nn.Module, config: PropulsionConfig
+) -> tuple[dict[str, list[str]], list[str]]:
+    """``{first path: every path}`` of each distinct module to wrap, and the module paths
+    trained in full; or a TargetError."""
+    modules = all_paths(model)  # a module registered twice appears under both paths
+    if isinstance(model, PropulsionLayer):
+        raise TargetError(
+            f"the model is itself a Propulsion layer ({type(model).__name__}); wrapping inside "
+            "it would put two z on one layer. Wrap the plain model, or call unload() on the "
+            "wrapped model that holds this layer first"
+        )
     if any(isinstance(m, PropulsionLayer) for m in modules.values()) or hasattr(model, _STATE_ATTR):
         raise TargetError(
             "the model already holds Propulsion layers; call unload() or merge_and_unload() "
             "before wrapping it again"
         )
+    for path, module in [("", model), *modules.items()]:
+        if _live_wrapper(module) is not None:
+            what = f"module {path!r}" if path else "the model"
+            raise TargetError(
+                f"{what} is already the base layer of a Propulsion wrapper in another model; "
+                "wrapping it again would put two z on one layer. Unload that model first"
+            )
     saved = _resolve_suffixes(modules, config.modules_to_save, "modules_to_save")
     excluded = _resolve_suffixes(modules, config.exclude_modules, "exclude_modules")
     attention_owned = [p for p, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
@@ -143,7 +181,37 @@ def _select_targets(model: nn.Module, config: PropulsionConfig) -> tuple[list[st
             "the configuration would train nothing: no module is wrapped and modules_to_save is "
             "empty (check target_modules, exclude_modules and modules_to_save)"
         )
-    return chosen, saved
+    return _one_per_module(modules, chosen, saved, excluded), _first_paths(modules, saved)
+
+
+def _one_per_module(
+    modules: dict[str, nn.Module], chosen: list[str], saved: list[str], excluded: list[str]
+) -> dict[str, list[str]]:
+    """Group the chosen paths by module: one wrapper per module, placed at all of its paths."""
+    chosen_ids = {id(modules[p]) for p in chosen}
+    groups: dict[int, list[str]] = {}
+    for path, module in modules.items():
+        if id(module) in chosen_ids:
+            groups.setdefault(id(module), []).append(path)
+    for paths in groups.values():
+        left_out = [p for p in paths if _inside(p, saved) or _inside(p, excluded)]
+        if left_out:
+            raise TargetError(
+                f"module {paths[0]!r} is also registered at {left_out[0]!r}, which "
+                "exclude_modules or modules_to_save leaves out; one module cannot be scaled at "
+                "one path and not at another. Select or leave out all of its paths "
+                f"({', '.join(repr(p) for p in paths)})"
+            )
+    return {paths[0]: paths for paths in groups.values()}
+
+
+def _first_paths(modules: dict[str, nn.Module], paths: list[str]) -> list[str]:
+    """``paths`` with every module kept once, under the first of its paths."""
+    first: dict[int, str] = {}
+    for path in modules:
+        if path in paths:
+            first.setdefault(id(modules[path]), path)
+    return list(first.values())
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -189,19 +257,23 @@ def get_propulsion_model(model: nn.Module, config: PropulsionConfig | None = Non
             wrappers[path] = wrapper_type(base, config.degree, config.init_value)
         except PropulsionError as exc:
             raise TargetError(f"cannot wrap {path!r}: {exc}") from exc
+    originals: dict[str, torch.Tensor] = {}
     for path, wrapper in wrappers.items():
-        _set_submodule(model, path, wrapper)
+        for alias in chosen[path]:  # a module registered twice gets one wrapper at both paths
+            _set_submodule(model, alias, wrapper)
+        _WRAPPED_BASES[wrapper.base_layer] = weakref.ref(wrapper)
     for param in model.parameters():
         param.requires_grad_(False)
-    for wrapper in wrappers.values():
+    for path, wrapper in wrappers.items():
         wrapper.propulsion_z.requires_grad_(True)
         bias = getattr(wrapper.base_layer, "bias", None)
         if config.train_bias and isinstance(bias, nn.Parameter):
             bias.requires_grad_(True)
+            originals[path] = bias.detach().clone()
     for path in saved:
         for param in model.get_submodule(path).parameters():
             param.requires_grad_(True)
-    setattr(model, _STATE_ATTR, _PropulsionState(config, chosen, saved, before))
+    setattr(model, _STATE_ATTR, _PropulsionState(config, list(chosen), saved, before, originals))
     return model
 
 
@@ -231,7 +303,8 @@ def propulsion_layers(model: nn.Module) -> dict[str, PropulsionLayer]:
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds: every z, wrapped biases when trained, and the
-    parameters of ``modules_to_save``; keyed by parameter name in the wrapped model."""
+    parameters of ``modules_to_save``; keyed by parameter name in the wrapped model (a tensor
+    shared by several names is listed once, under its first name)."""
     state = _state(model, "collect the adapter")
     config = state.config
     out: dict[str, torch.Tensor] = {}
@@ -243,19 +316,52 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for path in state.saved:
         for name, param in model.get_submodule(path).named_parameters():
             out[f"{path}.{name}"] = param
-    return out
+    seen: set[int] = set()
+    unique: dict[str, torch.Tensor] = {}
+    for name, tensor in out.items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            unique[name] = tensor
+    return unique
+
+
+def _check_merge(model: nn.Module, layers: dict[str, PropulsionLayer]) -> None:
+    """Every reason a merge of ``layers`` could fail or change the outputs, raised before any
+    tensor changes: non-finite folds (in the weights' own dtype), nested wrappers, and weights
+    that other modules also hold (tied weights)."""
+    index = tensor_index(model)
+    for path, layer in layers.items():
+        try:
+            layer.check_mergeable()
+        except PropulsionError as exc:
+            raise PropulsionError(f"{exc} (layer {path!r})") from exc
+        for param, _ in layer.fold_targets():
+            others = holders(index, param, layer.base_layer)
+            if others:
+                raise PropulsionError(
+                    f"cannot merge the Propulsion layer {path!r}: its base tensor is also held "
+                    f"by {others[:3]} (tied or shared weights). One tensor cannot carry the "
+                    "scaling of one layer without changing the others, so nothing was merged; "
+                    "keep the model unmerged (the wrappers compute it exactly), or untie the "
+                    "weights before wrapping (give each module its own copy)"
+                )
 
 
 def merge_adapter(model: nn.Module) -> None:
-    """Fold ``z**k`` into every wrapped layer in place (outputs unchanged, wrappers kept)."""
+    """Fold ``z**k`` into every wrapped layer in place (outputs unchanged, wrappers kept).
+
+    Raises:
+        PropulsionError: a fold would write non-finite values in the weights' dtype, a wrapped
+            weight is shared with another module (tied embedding and LM head), or every layer
+            is merged already. Nothing is changed then.
+    """
     _state(model, "merge")
-    layers = [layer for layer in propulsion_layers(model).values() if not layer.merged]
+    layers = {p: layer for p, layer in propulsion_layers(model).items() if not layer.merged}
     if not layers:
         raise PropulsionError("every Propulsion layer is already merged")
-    for layer in layers:  # every check before the first merge: a failure changes nothing
-        layer.check_mergeable()
-    for layer in layers:
-        layer.merge()
+    _check_merge(model, layers)  # every check before the first merge: a failure changes nothing
+    for layer in layers.values():
+        layer._merge_checked()
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -271,20 +377,28 @@ def unmerge_adapter(model: nn.Module) -> None:
 def _remove_wrappers(model: nn.Module, merge: bool) -> nn.Module:
     state = _state(model, "merge and unload" if merge else "unload")
     layers = propulsion_layers(model)
-    for layer in layers.values():  # every check before the first change
-        if merge and not layer.merged:
-            layer.check_mergeable()
+    if merge:  # every check before the first change
+        _check_merge(model, {p: layer for p, layer in layers.items() if not layer.merged})
+    for path, layer in layers.items():
         if not merge and layer.merged and bool((layer.scale(torch.float64) == 0).any()):
             raise PropulsionError(
-                "cannot unload: a merged layer has z**k entries equal to 0, so its base weights "
-                "were lost at merge; reload the base model instead"
+                f"cannot unload: the merged layer {path!r} has z**k entries equal to 0, so its "
+                "base weights were lost at merge; reload the base model instead"
             )
-    for path, layer in layers.items():
-        if merge and not layer.merged:
-            layer.merge()
-        elif not merge and layer.merged:
-            layer.unmerge()
-        _set_submodule(model, path, layer.base_layer)
+    modules = all_paths(model)
+    places = {id(layer): [p for p, m in modules.items() if m is layer] for layer in layers.values()}
+    with torch.no_grad():
+        for path, layer in layers.items():
+            if merge and not layer.merged:
+                layer._merge_checked()
+            elif not merge and layer.merged:
+                layer.unmerge()
+            bias = getattr(layer.base_layer, "bias", None)
+            if not merge and path in state.original_biases and isinstance(bias, torch.Tensor):
+                bias.copy_(state.original_biases[path])
+            for alias in places[id(layer)]:
+                _set_submodule(model, alias, layer.base_layer)
+            _WRAPPED_BASES.pop(layer.base_layer, None)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))
     delattr(model, _STATE_ATTR)
@@ -294,8 +408,11 @@ def _remove_wrappers(model: nn.Module, merge: bool) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every ``z**k`` into its base layer and return the model made of plain layers.
 
-    Outputs are identical up to the rounding of the base dtype. Requires-grad flags go back to
-    what they were before wrapping.
+    Outputs are identical up to the rounding of the base dtype; trained biases keep their
+    trained values (folded). Requires-grad flags go back to what they were before wrapping.
+
+    Raises:
+        PropulsionError: as :func:`merge_adapter`; the model is left wrapped and unchanged.
     """
     return _remove_wrappers(model, merge=True)
 
@@ -303,7 +420,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Remove the wrappers without merging and return the untouched base model.
 
-    Parameters of ``modules_to_save`` were trained in place and keep their trained values.
+    Base weights are never changed by training; biases trained with ``train_bias`` are put back
+    to the values they had when the model was wrapped (a copy is kept for that). Parameters of
+    ``modules_to_save`` were trained in place and keep their trained values. A merged layer is
+    unmerged first (exact up to rounding of the base dtype).
     """
     return _remove_wrappers(model, merge=False)
 
