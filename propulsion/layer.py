@@ -98,7 +98,8 @@ class PropulsionLayer(nn.Module):
         """Fold ``z**k`` into the base layer (in place); the wrapper then passes through.
 
         Every folded tensor is checked first (:meth:`check_mergeable`), so a refusal changes
-        nothing.
+        nothing. One layer cannot see the rest of the model: merge through
+        ``merge_adapter(model)``, which also refuses weights shared with other modules.
         """
         if self.merged:
             raise PropulsionError(f"{type(self).__name__} is already merged")

@@ -159,6 +159,19 @@ def test_module_at_two_paths_is_wrapped_once_and_merges_exactly(factory, config)
         assert type(plain.first) is nn.Linear and plain.second is plain.first
 
 
+@pytest.mark.parametrize("method", ["structured", "auto"])
+def test_kernel_of_z_on_a_module_at_two_paths_equals_the_jacobian_kernel(method):
+    """Both calls of the shared module are scaled by the one z, and the kernel sees both."""
+    import ntk
+
+    model = get_propulsion_model(_build(SharedLinear), PropulsionConfig(degree=3))
+    perturb(model, 11)
+    x = _x(5)
+    reference = ntk.empirical_ntk(model, x, params="propulsion", method="jacobian")
+    kernel = ntk.empirical_ntk(model, x, params="propulsion", method=method)
+    assert_close_rel(kernel, reference, 1e-10)
+
+
 def test_module_at_two_paths_unloads_to_the_base_at_both_paths():
     model = _build(SharedLinear)
     x = _x()
