@@ -146,12 +146,15 @@ class PropulsionLayer(nn.Module):
         if not bool(torch.isfinite(s).all()):
             bad = int((~torch.isfinite(s)).sum())
             raise PropulsionError(f"cannot merge: {bad} entries of z**k are not finite")
+        largest = float(s.abs().max()) if s.numel() else 0.0
         for param, shape in self.fold_targets():
+            if _bound(param) * largest <= torch.finfo(param.dtype).max:
+                continue  # no product can leave the dtype's range: skip the exact count
             folded = _folded(param, s, shape)
             new_bad = int((~torch.isfinite(folded) & torch.isfinite(param)).sum())
             if new_bad:
                 raise PropulsionError(
-                    f"cannot merge: folding z**k (largest |z**k| = {float(s.abs().max()):.3g}) "
+                    f"cannot merge: folding z**k (largest |z**k| = {largest:.3g}) "
                     f"into a {str(param.dtype).removeprefix('torch.')} tensor of shape "
                     f"{tuple(param.shape)} gives {new_bad} non-finite entries; keep the model "
                     "unmerged, or bring z back to a range the weights' dtype can hold"
@@ -179,6 +182,14 @@ def _folded(param: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) ->
     """``param * scale.reshape(shape)`` computed in float64, returned in ``param``'s dtype."""
     scaled = param.detach().to(torch.float64) * scale.to(param.device).reshape(shape)
     return scaled.to(param.dtype)
+
+
+def _bound(param: torch.Tensor) -> float:
+    """Largest magnitude among the finite entries of ``param`` (0 when there are none)."""
+    if param.numel() == 0:
+        return 0.0
+    mag = param.detach().abs()
+    return float(torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag)).max())
 
 
 _Fold = tuple[torch.Tensor, tuple[int, ...]]  # (base tensor, shape z**k is viewed as)
