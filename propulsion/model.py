@@ -227,8 +227,8 @@ def _remove_wrappers(model: nn.Module, merge: bool) -> nn.Module:
             )
     modules = all_paths(model)
     places = {id(layer): [p for p, m in modules.items() if m is layer] for layer in layers.values()}
-    with torch.no_grad():
-        for path, layer in layers.items():
+    with torch.no_grad():  # inner modules first: a hand-nested wrapper unloads completely
+        for path, layer in reversed(layers.items()):
             if merge and not layer.merged:
                 layer._merge_checked()
             elif not merge and layer.merged:

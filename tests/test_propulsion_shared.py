@@ -381,6 +381,8 @@ def test_merge_of_a_hand_nested_wrapper_is_refused_before_any_change(call):
     with pytest.raises(PropulsionError, match="wraps another Propulsion layer"):
         call(model)
     assert_unchanged(model, before)
+    unload(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in CASE["mlp"].build(0).modules()]
 
 
 # -- merges that overflow the weights' dtype ---------------------------------------------------
