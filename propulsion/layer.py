@@ -188,6 +188,9 @@ def _bound(param: torch.Tensor) -> float:
     """Largest magnitude among the finite entries of ``param`` (0 when there are none)."""
     if param.numel() == 0:
         return 0.0
+    top = float(torch.linalg.vector_norm(param.detach(), float("inf")))  # no temporary copy
+    if top != float("inf") and top == top:
+        return top
     mag = param.detach().abs()
     return float(torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag)).max())
 
