@@ -7,7 +7,9 @@ tensor changes, so an error leaves the model as it was.
 Shared modules and weights: a module registered at several paths is wrapped once and the same
 wrapper sits at every path (one ``z``). A weight held by two different modules (a tied embedding
 and LM head) gets one ``z`` per module; the wrapped model computes that exactly, but one tensor
-cannot hold two different scalings, so merging into a shared weight is refused.
+cannot hold two different scalings, so merging into a shared weight is refused. Only sharing
+through registered parameters and buffers is seen: a weight read directly by code elsewhere
+(``F.linear(h, self.emb.weight)``) is not, and such a model must not be merged.
 """
 
 from __future__ import annotations
