@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,14 @@ from propulsion.errors import PropulsionConfigError
 __all__ = ["PropulsionConfig"]
 
 TargetModules = str | tuple[str, ...] | None
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    """``value`` as a tuple of non-empty strings, or None when it is not a list of them."""
+    if isinstance(value, str | bytes | dict) or not isinstance(value, Iterable):
+        return None
+    names = tuple(value)
+    return names if all(isinstance(v, str) and v for v in names) else None
 
 
 @dataclass(frozen=True)
@@ -84,8 +93,8 @@ class PropulsionConfig:
                     f"target_modules {targets!r} is not a valid regular expression: {exc}"
                 ) from exc
         elif targets is not None:
-            targets = tuple(targets)
-            if not all(isinstance(t, str) and t for t in targets):
+            targets = _names(targets)
+            if targets is None:
                 raise PropulsionConfigError(
                     f"target_modules must be None, a regex string or a list of non-empty "
                     f"names, got {self.target_modules!r}"
@@ -93,10 +102,17 @@ class PropulsionConfig:
             put("target_modules", targets)
         for name in ("exclude_modules", "modules_to_save"):
             value = getattr(self, name)
-            value = (value,) if isinstance(value, str) else tuple(value or ())
-            if not all(isinstance(v, str) and v for v in value):
-                raise PropulsionConfigError(f"{name} must be a list of non-empty names")
-            put(name, value)
+            names = (value,) if isinstance(value, str) else _names(() if value is None else value)
+            if names is None or not all(names):
+                raise PropulsionConfigError(
+                    f"{name} must be a list of non-empty names, got {value!r}"
+                )
+            put(name, names)
+        for name in ("include_embeddings", "include_layernorm", "train_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise PropulsionConfigError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}"
+                )
         if not isinstance(self.init_value, int | float) or not (
             self.init_value == self.init_value and abs(self.init_value) != float("inf")
         ):

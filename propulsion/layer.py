@@ -75,8 +75,8 @@ class PropulsionLayer(nn.Module):
         """A tensor of the base layer giving the device and dtype for ``z``."""
         raise NotImplementedError
 
-    def _fold(self, scale: torch.Tensor) -> None:
-        """Multiply the base parameters in place so the base layer computes the scaled output."""
+    def fold_targets(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        """The base parameters ``z**k`` folds into, each with the shape ``z**k`` is viewed as."""
         raise NotImplementedError
 
     # -- shared behaviour ---------------------------------------------------------------------
@@ -95,10 +95,21 @@ class PropulsionLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``z**k`` into the base layer (in place); the wrapper then passes through."""
+        """Fold ``z**k`` into the base layer (in place); the wrapper then passes through.
+
+        Every folded tensor is checked first (:meth:`check_mergeable`), so a refusal changes
+        nothing. One layer cannot see the rest of the model: merge through
+        ``merge_adapter(model)``, which also refuses weights shared with other modules.
+        """
         if self.merged:
             raise PropulsionError(f"{type(self).__name__} is already merged")
         self.check_mergeable()
+        self._merge_checked()
+
+    @torch.no_grad()
+    def _merge_checked(self) -> None:
+        """:meth:`merge` once :meth:`check_mergeable` has passed (the model checks every layer
+        first, then merges them all)."""
         self._fold(self.scale(torch.float64))
         self.merged = True
 
@@ -116,12 +127,43 @@ class PropulsionLayer(nn.Module):
         self._fold(1.0 / s)
         self.merged = False
 
+    @torch.no_grad()
     def check_mergeable(self) -> None:
-        """Raise PropulsionError if :meth:`merge` would fail (checked before any layer merges)."""
+        """Raise PropulsionError if :meth:`merge` would fail or write non-finite weights.
+
+        ``z**k`` must be finite in float64, and every folded tensor must stay finite after the
+        cast back to its own dtype (``z = 1e20, k = 3`` is finite in float64 but overflows
+        float32 weights).
+        """
+        if isinstance(self.base_layer, PropulsionLayer) or any(
+            isinstance(m, PropulsionLayer) for m in self.base_layer.modules()
+        ):
+            raise PropulsionError(
+                "cannot merge: a Propulsion layer wraps another Propulsion layer (two z on one "
+                "module); unload the inner one first"
+            )
         s = self.scale(torch.float64)
         if not bool(torch.isfinite(s).all()):
             bad = int((~torch.isfinite(s)).sum())
             raise PropulsionError(f"cannot merge: {bad} entries of z**k are not finite")
+        largest = float(s.abs().max()) if s.numel() else 0.0
+        for param, shape in self.fold_targets():
+            if _bound(param) * largest <= torch.finfo(param.dtype).max:
+                continue  # no product can leave the dtype's range: skip the exact count
+            folded = _folded(param, s, shape)
+            new_bad = int((~torch.isfinite(folded) & torch.isfinite(param)).sum())
+            if new_bad:
+                raise PropulsionError(
+                    f"cannot merge: folding z**k (largest |z**k| = {largest:.3g}) "
+                    f"into a {str(param.dtype).removeprefix('torch.')} tensor of shape "
+                    f"{tuple(param.shape)} gives {new_bad} non-finite entries; keep the model "
+                    "unmerged, or bring z back to a range the weights' dtype can hold"
+                )
+
+    def _fold(self, scale: torch.Tensor) -> None:
+        """Multiply the base parameters in place so the base layer computes the scaled output."""
+        for param, shape in self.fold_targets():
+            param.data.copy_(_folded(param, scale, shape))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args, **kwargs):
         # Keep z in float32/float64 when the model is cast to half precision.
@@ -136,11 +178,28 @@ class PropulsionLayer(nn.Module):
         return f"features={self.features}, degree={self.degree}, merged={self.merged}"
 
 
-def _fold_into(param: torch.Tensor | None, scale: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if param is None:
-        return
-    scaled = param.data.to(torch.float64) * scale.to(param.device).reshape(shape)
-    param.data.copy_(scaled.to(param.dtype))
+def _folded(param: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``param * scale.reshape(shape)`` computed in float64, returned in ``param``'s dtype."""
+    scaled = param.detach().to(torch.float64) * scale.to(param.device).reshape(shape)
+    return scaled.to(param.dtype)
+
+
+def _bound(param: torch.Tensor) -> float:
+    """Largest magnitude among the finite entries of ``param`` (0 when there are none)."""
+    if param.numel() == 0:
+        return 0.0
+    top = float(torch.linalg.vector_norm(param.detach(), float("inf")))  # no temporary copy
+    if top != float("inf") and top == top:
+        return top
+    mag = param.detach().abs()
+    return float(torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag)).max())
+
+
+_Fold = tuple[torch.Tensor, tuple[int, ...]]  # (base tensor, shape z**k is viewed as)
+
+
+def _present(*pairs: tuple[torch.Tensor | None, tuple[int, ...]]) -> list[_Fold]:
+    return [(p, shape) for p, shape in pairs if p is not None]
 
 
 class PropulsionLinear(PropulsionLayer):
@@ -159,9 +218,8 @@ class PropulsionLinear(PropulsionLayer):
     def _reference_tensor(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def _fold(self, scale: torch.Tensor) -> None:
-        _fold_into(self.base_layer.weight, scale, (-1, 1))
-        _fold_into(self.base_layer.bias, scale, (-1,))
+    def fold_targets(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        return _present((self.base_layer.weight, (-1, 1)), (self.base_layer.bias, (-1,)))
 
 
 class PropulsionEmbedding(PropulsionLayer):
@@ -177,8 +235,8 @@ class PropulsionEmbedding(PropulsionLayer):
     def _reference_tensor(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def _fold(self, scale: torch.Tensor) -> None:
-        _fold_into(self.base_layer.weight, scale, (1, -1))
+    def fold_targets(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        return _present((self.base_layer.weight, (1, -1)))
 
 
 class PropulsionLayerNorm(PropulsionLayer):
@@ -212,9 +270,8 @@ class PropulsionLayerNorm(PropulsionLayer):
             )
         super().check_mergeable()
 
-    def _fold(self, scale: torch.Tensor) -> None:
-        _fold_into(self.base_layer.weight, scale, (-1,))
-        _fold_into(self.base_layer.bias, scale, (-1,))
+    def fold_targets(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        return _present((self.base_layer.weight, (-1,)), (self.base_layer.bias, (-1,)))
 
 
 # Module type -> wrapper; the injector looks wrappers up here (exact type or subclass).

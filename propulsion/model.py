@@ -1,22 +1,30 @@
 """Inject Propulsion into a model, freeze the rest, merge, unmerge and unload.
 
 Mirrors peft's vocabulary: ``get_propulsion_model``, ``merge_and_unload``, ``unload``,
-``print_trainable_parameters``. Wrapping is in place and atomic: every check runs before the
-first module is replaced, so an error leaves the model as it was.
+``print_trainable_parameters``. Every call is atomic: all checks run before the first module or
+tensor changes, so an error leaves the model as it was.
+
+Shared modules and weights: a module registered at several paths is wrapped once and the same
+wrapper sits at every path (one ``z``). A weight held by two different modules (a tied embedding
+and LM head) gets one ``z`` per module; the wrapped model computes that exactly, but one tensor
+cannot hold two different scalings, so merging into a shared weight is refused. Only sharing
+through registered parameters and buffers is seen: a weight read directly by code elsewhere
+(``F.linear(h, self.emb.weight)``) is not, and such a model must not be merged.
 """
 
 from __future__ import annotations
 
-import re
-import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from propulsion.config import PropulsionConfig
 from propulsion.errors import PropulsionError, TargetError
-from propulsion.layer import ADAPTER_PARAMETER, WRAPPERS, PropulsionLayer
+from propulsion.layer import ADAPTER_PARAMETER, PropulsionLayer
+from propulsion.sharing import all_paths, holders, tensor_index
+from propulsion.targets import WRAPPED_BASES, select_targets, wrapper_for
 
 __all__ = [
     "adapter_state",
@@ -40,110 +48,12 @@ class _PropulsionState:
     """Book-keeping stored on the wrapped model (a plain attribute, not in the state dict)."""
 
     config: PropulsionConfig
-    wrapped: list[str]  # module paths that now hold a PropulsionLayer
+    wrapped: list[str]  # first module path of every wrapper
     saved: list[str]  # module paths trained in full (modules_to_save)
     requires_grad_before: dict[str, bool]  # parameter name -> flag before wrapping
-
-
-def _matches_suffix(path: str, suffix: str) -> bool:
-    return path == suffix or path.endswith("." + suffix)
-
-
-def _inside(path: str, roots: list[str]) -> bool:
-    return any(path == r or path.startswith(r + ".") for r in roots)
-
-
-def _wrapper_for(module: nn.Module) -> type[PropulsionLayer] | None:
-    for base, wrapper in WRAPPERS.items():
-        if isinstance(module, base):
-            return wrapper
-    return None
-
-
-def _resolve_suffixes(modules: dict[str, nn.Module], suffixes: tuple[str, ...], what: str) -> list[str]:
-    found: list[str] = []
-    for suffix in suffixes:
-        hits = [p for p in modules if _matches_suffix(p, suffix)]
-        if not hits:
-            raise TargetError(
-                f"{what} entry {suffix!r} matches no module of the model; module names end in "
-                f"e.g. {_examples(modules)}"
-            )
-        found += [h for h in hits if h not in found]
-    return found
-
-
-def _examples(modules: dict[str, nn.Module], n: int = 6) -> str:
-    wrappable = [p for p, m in modules.items() if _wrapper_for(m) is not None] or list(modules)
-    tails = sorted({p.rsplit(".", 1)[-1] for p in wrappable} - {str(i) for i in range(len(modules))})
-    return ", ".join(repr(t) for t in tails[:n]) + (", ..." if len(tails) > n else "")
-
-
-def _select_targets(model: nn.Module, config: PropulsionConfig) -> tuple[list[str], list[str]]:
-    """Module paths to wrap and module paths to train in full, or a TargetError."""
-    modules = dict(model.named_modules())
-    modules.pop("", None)
-    if any(isinstance(m, PropulsionLayer) for m in modules.values()) or hasattr(model, _STATE_ATTR):
-        raise TargetError(
-            "the model already holds Propulsion layers; call unload() or merge_and_unload() "
-            "before wrapping it again"
-        )
-    saved = _resolve_suffixes(modules, config.modules_to_save, "modules_to_save")
-    excluded = _resolve_suffixes(modules, config.exclude_modules, "exclude_modules")
-    attention_owned = [p for p, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
-
-    kinds: list[type[nn.Module]] = []
-    if config.include_embeddings:
-        kinds.append(nn.Embedding)
-    if config.include_layernorm:
-        kinds.append(nn.LayerNorm)
-    explicit: list[str] = []
-    targets = config.target_modules
-    if targets is None:
-        kinds.append(nn.Linear)
-    elif isinstance(targets, str):
-        pattern = re.compile(targets)
-        explicit = [p for p in modules if pattern.fullmatch(p)]
-        if not explicit:
-            raise TargetError(
-                f"target_modules regex {targets!r} matches no module path; paths look like "
-                f"{next(iter(modules), '')!r}"
-            )
-    else:
-        explicit = _resolve_suffixes(modules, targets, "target_modules")
-    for path in explicit:
-        if _wrapper_for(modules[path]) is None:
-            raise TargetError(
-                f"target {path!r} is a {type(modules[path]).__name__}; Propulsion wraps "
-                f"{', '.join(t.__name__ for t in WRAPPERS)} only"
-            )
-        if _inside(path, attention_owned):
-            raise TargetError(
-                f"target {path!r} belongs to an nn.MultiheadAttention, which reads its "
-                "projection weights directly instead of calling the module; wrapping it would "
-                "have no effect"
-            )
-    implicit = [
-        p for p, m in modules.items()
-        if isinstance(m, tuple(kinds)) and not (nn.Linear in kinds and _inside(p, attention_owned))
-    ]
-    skipped = [p for p in modules if p in attention_owned]
-    if skipped and targets is None:
-        warnings.warn(
-            f"skipping the projections inside nn.MultiheadAttention modules {skipped}: they are "
-            "not called as modules, so Propulsion cannot scale them",
-            stacklevel=3,
-        )
-    chosen = [p for p in modules if p in set(explicit) | set(implicit)]
-    chosen = [p for p in chosen if not _inside(p, saved) and not _inside(p, excluded)]
-    # A wrapper inside another wrapped module would be scaled twice: keep the outer one only.
-    chosen = [p for p in chosen if not _inside(p.rsplit(".", 1)[0], [c for c in chosen if c != p])]
-    if not chosen and not saved:
-        raise TargetError(
-            "the configuration would train nothing: no module is wrapped and modules_to_save is "
-            "empty (check target_modules, exclude_modules and modules_to_save)"
-        )
-    return chosen, saved
+    # wrapper path -> copy of its base layer's bias taken at wrapping (train_bias only): what
+    # unload() puts back so that it returns the untouched base model
+    original_biases: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -178,30 +88,34 @@ def get_propulsion_model(model: nn.Module, config: PropulsionConfig | None = Non
     config = config if config is not None else PropulsionConfig()
     if not isinstance(config, PropulsionConfig):
         raise TypeError(f"config must be a PropulsionConfig, got {type(config).__name__}")
-    chosen, saved = _select_targets(model, config)
+    chosen, saved = select_targets(model, config, hasattr(model, _STATE_ATTR))
     before = {name: p.requires_grad for name, p in model.named_parameters()}
     wrappers = {}
     for path in chosen:  # build every wrapper first: any error leaves the model untouched
         base = model.get_submodule(path)
-        wrapper_type = _wrapper_for(base)
+        wrapper_type = wrapper_for(base)
         assert wrapper_type is not None
         try:
             wrappers[path] = wrapper_type(base, config.degree, config.init_value)
         except PropulsionError as exc:
             raise TargetError(f"cannot wrap {path!r}: {exc}") from exc
+    originals: dict[str, torch.Tensor] = {}
     for path, wrapper in wrappers.items():
-        _set_submodule(model, path, wrapper)
+        for alias in chosen[path]:  # a module registered twice gets one wrapper at both paths
+            _set_submodule(model, alias, wrapper)
+        WRAPPED_BASES[wrapper.base_layer] = weakref.ref(wrapper)
     for param in model.parameters():
         param.requires_grad_(False)
-    for wrapper in wrappers.values():
+    for path, wrapper in wrappers.items():
         wrapper.propulsion_z.requires_grad_(True)
         bias = getattr(wrapper.base_layer, "bias", None)
         if config.train_bias and isinstance(bias, nn.Parameter):
             bias.requires_grad_(True)
+            originals[path] = bias.detach().clone()
     for path in saved:
         for param in model.get_submodule(path).parameters():
             param.requires_grad_(True)
-    setattr(model, _STATE_ATTR, _PropulsionState(config, chosen, saved, before))
+    setattr(model, _STATE_ATTR, _PropulsionState(config, list(chosen), saved, before, originals))
     return model
 
 
@@ -231,7 +145,8 @@ def propulsion_layers(model: nn.Module) -> dict[str, PropulsionLayer]:
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds: every z, wrapped biases when trained, and the
-    parameters of ``modules_to_save``; keyed by parameter name in the wrapped model."""
+    parameters of ``modules_to_save``; keyed by parameter name in the wrapped model (a tensor
+    shared by several names is listed once, under its first name)."""
     state = _state(model, "collect the adapter")
     config = state.config
     out: dict[str, torch.Tensor] = {}
@@ -243,19 +158,52 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for path in state.saved:
         for name, param in model.get_submodule(path).named_parameters():
             out[f"{path}.{name}"] = param
-    return out
+    seen: set[int] = set()
+    unique: dict[str, torch.Tensor] = {}
+    for name, tensor in out.items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            unique[name] = tensor
+    return unique
+
+
+def _check_merge(model: nn.Module, layers: dict[str, PropulsionLayer]) -> None:
+    """Every reason a merge of ``layers`` could fail or change the outputs, raised before any
+    tensor changes: non-finite folds (in the weights' own dtype), nested wrappers, and weights
+    that other modules also hold (tied weights)."""
+    index = tensor_index(model)
+    for path, layer in layers.items():
+        try:
+            layer.check_mergeable()
+        except PropulsionError as exc:
+            raise PropulsionError(f"{exc} (layer {path!r})") from exc
+        for param, _ in layer.fold_targets():
+            others = holders(index, param, layer.base_layer)
+            if others:
+                raise PropulsionError(
+                    f"cannot merge the Propulsion layer {path!r}: its base tensor is also held "
+                    f"by {others[:3]} (tied or shared weights). One tensor cannot carry the "
+                    "scaling of one layer without changing the others, so nothing was merged; "
+                    "keep the model unmerged (the wrappers compute it exactly), or untie the "
+                    "weights before wrapping (give each module its own copy)"
+                )
 
 
 def merge_adapter(model: nn.Module) -> None:
-    """Fold ``z**k`` into every wrapped layer in place (outputs unchanged, wrappers kept)."""
+    """Fold ``z**k`` into every wrapped layer in place (outputs unchanged, wrappers kept).
+
+    Raises:
+        PropulsionError: a fold would write non-finite values in the weights' dtype, a wrapped
+            weight is shared with another module (tied embedding and LM head), or every layer
+            is merged already. Nothing is changed then.
+    """
     _state(model, "merge")
-    layers = [layer for layer in propulsion_layers(model).values() if not layer.merged]
+    layers = {p: layer for p, layer in propulsion_layers(model).items() if not layer.merged}
     if not layers:
         raise PropulsionError("every Propulsion layer is already merged")
-    for layer in layers:  # every check before the first merge: a failure changes nothing
-        layer.check_mergeable()
-    for layer in layers:
-        layer.merge()
+    _check_merge(model, layers)  # every check before the first merge: a failure changes nothing
+    for layer in layers.values():
+        layer._merge_checked()
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -271,20 +219,28 @@ def unmerge_adapter(model: nn.Module) -> None:
 def _remove_wrappers(model: nn.Module, merge: bool) -> nn.Module:
     state = _state(model, "merge and unload" if merge else "unload")
     layers = propulsion_layers(model)
-    for layer in layers.values():  # every check before the first change
-        if merge and not layer.merged:
-            layer.check_mergeable()
+    if merge:  # every check before the first change
+        _check_merge(model, {p: layer for p, layer in layers.items() if not layer.merged})
+    for path, layer in layers.items():
         if not merge and layer.merged and bool((layer.scale(torch.float64) == 0).any()):
             raise PropulsionError(
-                "cannot unload: a merged layer has z**k entries equal to 0, so its base weights "
-                "were lost at merge; reload the base model instead"
+                f"cannot unload: the merged layer {path!r} has z**k entries equal to 0, so its "
+                "base weights were lost at merge; reload the base model instead"
             )
-    for path, layer in layers.items():
-        if merge and not layer.merged:
-            layer.merge()
-        elif not merge and layer.merged:
-            layer.unmerge()
-        _set_submodule(model, path, layer.base_layer)
+    modules = all_paths(model)
+    places = {id(layer): [p for p, m in modules.items() if m is layer] for layer in layers.values()}
+    with torch.no_grad():  # inner modules first: a hand-nested wrapper unloads completely
+        for path, layer in reversed(layers.items()):
+            if merge and not layer.merged:
+                layer._merge_checked()
+            elif not merge and layer.merged:
+                layer.unmerge()
+            bias = getattr(layer.base_layer, "bias", None)
+            if not merge and path in state.original_biases and isinstance(bias, torch.Tensor):
+                bias.copy_(state.original_biases[path])
+            for alias in places[id(layer)]:
+                _set_submodule(model, alias, layer.base_layer)
+            WRAPPED_BASES.pop(layer.base_layer, None)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad_before.get(name, param.requires_grad))
     delattr(model, _STATE_ATTR)
@@ -294,8 +250,11 @@ def _remove_wrappers(model: nn.Module, merge: bool) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every ``z**k`` into its base layer and return the model made of plain layers.
 
-    Outputs are identical up to the rounding of the base dtype. Requires-grad flags go back to
-    what they were before wrapping.
+    Outputs are identical up to the rounding of the base dtype; trained biases keep their
+    trained values (folded). Requires-grad flags go back to what they were before wrapping.
+
+    Raises:
+        PropulsionError: as :func:`merge_adapter`; the model is left wrapped and unchanged.
     """
     return _remove_wrappers(model, merge=True)
 
@@ -303,7 +262,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Remove the wrappers without merging and return the untouched base model.
 
-    Parameters of ``modules_to_save`` were trained in place and keep their trained values.
+    Base weights are never changed by training; biases trained with ``train_bias`` are put back
+    to the values they had when the model was wrapped (a copy is kept for that). Parameters of
+    ``modules_to_save`` were trained in place and keep their trained values. A merged layer is
+    unmerged first (exact up to rounding of the base dtype).
     """
     return _remove_wrappers(model, merge=False)
 

@@ -260,17 +260,28 @@ def test_load_into_wrapped_model_raises(tmp_path):
 
 # -- bad files: AdapterFileError naming the file, model untouched ------------------------------
 
+def _seal(meta: dict) -> dict:
+    """What save_adapter writes as content_sha256: sha256 of the other entries, canonical."""
+    body = {k: v for k, v in meta.items() if k != "content_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return {**meta, "content_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
 def _rewrite_checksum(folder: Path) -> None:
+    """A consistent pair (both checksums recomputed), so that later checks are reached."""
     meta = json.loads((folder / CONFIG_NAME).read_text())
     meta["weights_sha256"] = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
-    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    (folder / CONFIG_NAME).write_text(json.dumps(_seal(meta)))
 
 
-def _edit_meta(edit):
+def _edit_meta(edit, reseal: bool = True):
+    """Edit the config file; ``reseal`` recomputes its checksum (reaching the later checks),
+    otherwise the edit is what a user typing into the file does."""
+
     def apply(folder: Path) -> None:
         meta = json.loads((folder / CONFIG_NAME).read_text())
         edit(meta)
-        (folder / CONFIG_NAME).write_text(json.dumps(meta))
+        (folder / CONFIG_NAME).write_text(json.dumps(_seal(meta) if reseal else meta))
 
     return apply
 
@@ -330,6 +341,22 @@ BAD_FILES = [
                  id="pickle-bytes"),
     pytest.param(_nan_weights, "holds non-finite values in \\['classifier.propulsion_z'\\]",
                  id="nan-weights"),
+    pytest.param(_edit_meta(lambda m: m["config"].update(degree=3), reseal=False),
+                 "adapter_config.json was edited or is damaged.*save the adapter again",
+                 id="config-degree-edited"),
+    pytest.param(_edit_meta(lambda m: m["config"].update(train_bias=True), reseal=False),
+                 "was edited or is damaged", id="config-flag-edited"),
+    pytest.param(_edit_meta(lambda m: m.update(wrapped_modules=["layers.0"]), reseal=False),
+                 "was edited or is damaged", id="wrapped-list-edited"),
+    pytest.param(_edit_meta(lambda m: m.update(weights_sha256="0" * 64), reseal=False),
+                 "was edited or is damaged", id="weights-checksum-edited"),
+    pytest.param(_edit_meta(lambda m: m.pop("content_sha256"), reseal=False),
+                 "'content_sha256' is missing", id="seal-removed"),
+    pytest.param(_edit_meta(lambda m: m.update(content_sha256="0" * 64), reseal=False),
+                 "was edited or is damaged", id="seal-edited"),
+    pytest.param(_edit_meta(lambda m: m["tensors"].update({"layers.0.propulsion_z": [8]})),
+                 "does not hold the tensors adapter_config.json lists.*layers.0.propulsion_z",
+                 id="tensor-list-edited-and-resealed"),
 ]
 
 
@@ -354,9 +381,50 @@ def test_missing_folder_raises_file_error(tmp_path):
 def test_adapter_with_invalid_config_names_the_field(tmp_path):
     source = get_propulsion_model(CASE["mlp"].build(0), PropulsionConfig(degree=2))
     save_adapter(source, tmp_path)
-    _edit_meta(lambda m: m["config"].update(degree=0))(tmp_path)
+    _edit_meta(lambda m: m["config"].update(degree=0))(tmp_path)  # resealed: reaches the config
     target = CASE["mlp"].build(0)
     before = snapshot(target)
     with pytest.raises((PropulsionConfigError, AdapterFileError), match="degree"):
+        load_adapter(target, tmp_path)
+    assert_unchanged(target, before)
+
+
+def test_config_file_is_sealed_and_its_layout_does_not_matter(tmp_path):
+    """The checksum covers the entries, not the bytes: re-indenting the file still loads."""
+    case = CASE["mlp"]
+    source = get_propulsion_model(case.build(0), PropulsionConfig(degree=5))
+    train_adapter(source, 7)
+    save_adapter(source, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["format_version"] == 2 and meta == _seal(meta)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta, indent=7, sort_keys=True))
+    loaded = load_adapter(case.build(0), tmp_path)
+    assert torch.equal(loaded(case.inputs(3, 0)), source(case.inputs(3, 0)))
+
+
+def test_adapter_of_format_1_still_loads_with_a_warning(tmp_path):
+    case = CASE["mlp"]
+    source = get_propulsion_model(case.build(0), PropulsionConfig(degree=3, train_bias=True))
+    train_adapter(source, 8)
+    save_adapter(source, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta.pop("content_sha256")
+    meta["format_version"] = 1  # what the earlier release wrote
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    with pytest.warns(UserWarning, match=r"format 1.*cannot be detected.*save it again"):
+        loaded = load_adapter(case.build(0), tmp_path)
+    assert torch.equal(loaded(case.inputs(3, 0)), source(case.inputs(3, 0)))
+    save_adapter(loaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / CONFIG_NAME).read_text())["format_version"] == 2
+
+
+def test_adapter_whose_config_selects_other_modules_in_this_model_is_refused(tmp_path):
+    source = get_propulsion_model(CASE["mlp"].build(0), PropulsionConfig(degree=2))
+    save_adapter(source, tmp_path)
+    _edit_meta(lambda m: m.update(wrapped_modules=["layers.1", "layers.0", "classifier"]))(
+        tmp_path)
+    target = CASE["mlp"].build(0)
+    before = snapshot(target)
+    with pytest.raises(AdapterMismatchError, match="wrapped the modules"):
         load_adapter(target, tmp_path)
     assert_unchanged(target, before)
