@@ -26,7 +26,7 @@ from experiments.suite.base import ExperimentConfig, MissingResultError, Store
 __all__ = ["EXPERIMENTS", "PRESET_NAMES", "get_experiment", "run_experiment", "draw_figures",
            "write_report", "open_results", "sweep_unit"]
 
-PRESET_NAMES = ("tiny", "quick", "full")
+PRESET_NAMES = ("tiny", "quick", "study", "full")
 _REQUIRED = ("NAME", "TITLE", "CLAIMS", "Config", "PRESETS", "main", "figures", "verdicts")
 _MODULE = re.compile(r"^e(\d+)_\w+$")
 
