@@ -108,7 +108,7 @@ class Config(ExperimentConfig):
 
 
 PRESETS: dict[str, Config] = {
-    "tiny": Config(models=("roberta-base",), methods=("full", "propulsion", "lora"), batch_sizes=(1, 8),
+    "tiny": Config(models=("roberta-base",), methods=("propulsion", "lora"), batch_sizes=(1, 8),
                    seq_lens=(32,), precisions=("fp32",), measure_batch_sizes=(2,), measure_seq_len=16,
                    measure_steps=1, figure_seq_len=32),
     "quick": Config(measure_batch_sizes=(8,)),
