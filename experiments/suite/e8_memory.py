@@ -9,6 +9,12 @@ length and precision (fp32; bf16 autocast over fp32 weights). The accounting is 
 measured allocator peaks of real training steps of MiniLM (CPU: torch's profiler allocation
 records; CUDA: ``torch.cuda.max_memory_allocated``).
 
+Under autocast every Linear whose input needs a gradient saves a half-precision copy of its
+weight for backward, frozen or not; so with fp32 weights a PEFT method whose trainable
+parameters sit early in the network (LoRA, Propulsion) saves about half the model again.
+Autocast is run with CPU fake tensors, so CPU autocast's op lists apply (they differ from
+CUDA's in a few ops, e.g. which reductions stay in float32).
+
 Not covered: transient buffers inside ops and of backward, the optimizer's temporaries,
 allocator rounding and fragmentation, the CUDA context and library workspaces, fused or
 memory-efficient attention kernels (attention here is transformers' eager implementation, which
@@ -35,6 +41,13 @@ TITLE = "Memory of a training step by kind: Propulsion against full fine-tuning,
 CLAIMS = ("memory",)
 _PROPULSION = ("propulsion", "propulsion_reference")
 _GIB = 2.0**30
+VARIANT_COLORS = {"propulsion_reference": "#fdb863"}  # as in e5: the preset beside plain Propulsion
+
+
+def _color(method: str) -> str:
+    from experiments.figures import method_color
+
+    return VARIANT_COLORS.get(method, method_color(method))
 
 
 @dataclass(frozen=True)
@@ -186,9 +199,10 @@ def ratios(frame: pd.DataFrame) -> pd.DataFrame:
 def figures(store: Store, fig_dir: Path) -> list[Path]:
     """Stacked bars of bytes by kind per method (one panel per model, at the figure setting, per
     precision); Propulsion / LoRA against batch size; measured against accounted peaks."""
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from experiments.figures import method_color, new_figure, save_figure, style
+    from experiments.figures import new_figure, save_figure, style
 
     config = store.config
     assert isinstance(config, Config)
@@ -207,16 +221,21 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
                 bottom = np.zeros(len(sub))
                 for kind in KINDS:
                     values = sub[kind].to_numpy(dtype=float) / _GIB
-                    ax.bar(x, values, bottom=bottom, color=[method_color(m) for m in sub.index],
+                    ax.bar(x, values, bottom=bottom, color=[_color(m) for m in sub.index],
                            alpha=shades[kind], hatch=hatches[kind], edgecolor="white", linewidth=0.3,
                            label=kind if model == config.models[0] else None)
                     bottom += values
+                ax.scatter(x, sub["peak"].to_numpy(dtype=float) / _GIB, marker="_", s=120, color="black",
+                           linewidths=1.2, zorder=3)
                 ax.set_xticks(x, [m.replace("propulsion_reference", "prop. ref.") for m in sub.index],
                               rotation=45, ha="right", fontsize="x-small")
                 ax.set_title(model)
             axes[0][0].set_ylabel("GiB per training step")
-            handles = [Patch(facecolor="grey", alpha=shades[k], hatch=hatches[k], label=k) for k in KINDS]
-            axes[0][-1].legend(handles=handles, fontsize="x-small", loc="upper right")
+            handles: list = [Patch(facecolor="grey", alpha=shades[k], hatch=hatches[k], label=k)
+                             for k in KINDS]
+            handles.append(Line2D([], [], color="black", marker="_", ls="", ms=10,
+                                  label="peak (activations or optimizer temporaries)"))
+            fig.legend(handles=handles, fontsize="x-small", loc="outside lower center", ncols=5)
             fig.suptitle(f"Accounted bytes by kind ({precision}, {config.optimizer}, batch "
                          f"{config.figure_batch_size}, {config.figure_seq_len} tokens)", fontsize=8)
             paths += save_figure(fig, fig_dir, f"e8_memory_by_kind_{precision}")
@@ -233,9 +252,13 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
             ax.axhline(config.paper_ratio, color="grey", lw=0.8, ls=":")
             ax.axhline(1.0, color="black", lw=0.5)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(list(config.batch_sizes), [str(b) for b in config.batch_sizes])
+            ax.minorticks_off()
             ax.set_xlabel("batch size")
             ax.set_title(model)
         axes[0][0].set_ylabel("Propulsion / LoRA (accounted peak)")
+        fig.suptitle("Accounted peak of Propulsion (lighter variant) over LoRA r=8 (q, v); below 1: "
+                     "Propulsion needs less", fontsize=8)
         axes[0][0].annotate("paper: 17.2 / 26", (config.batch_sizes[0], config.paper_ratio),
                             fontsize=6, va="bottom", color="grey")
         axes[0][-1].legend(fontsize="xx-small")
@@ -244,7 +267,7 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
         if len(check):
             fig, ax = new_figure("column", aspect=0.8)
             for method, sub in check.groupby("method", sort=False):
-                ax.scatter(sub["peak"] / 2**20, sub["measured_peak"] / 2**20, color=method_color(method),
+                ax.scatter(sub["peak"] / 2**20, sub["measured_peak"] / 2**20, color=_color(str(method)),
                            label=method, s=12)
             top = max(check["peak"].max(), check["measured_peak"].max()) / 2**20 * 1.05
             ax.plot([0, top], [0, top], color="grey", lw=0.8, ls=":")
