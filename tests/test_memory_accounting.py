@@ -25,13 +25,15 @@ from experiments.methods import prepare
 F32 = 4
 
 
-def tiny_bert(num_labels: int = 2) -> nn.Module:
+def tiny_bert(num_labels: int = 2, device: str = "cpu") -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32, num_labels=num_labels)
+    config._attn_implementation = "eager"
     torch.manual_seed(0)
-    return BertForSequenceClassification(config).train()
+    with torch.device(device):
+        return BertForSequenceClassification(config).train()
 
 
 def bert_inputs(b: int = 3, t: int = 7) -> dict[str, torch.Tensor]:
@@ -142,6 +144,17 @@ def test_account_step_refuses_a_model_that_trains_nothing():
         account_step(model, {"x": torch.randn(2, 5)}, loss=_sum_loss)
     with pytest.raises(ValueError, match="unknown precision"):
         account_step(MLP(), {"x": torch.randn(2, 5)}, precision="fp8")
+
+
+@pytest.mark.parametrize("method", ["full", "propulsion", "lora", "bitfit"])
+def test_meta_tensors_save_what_real_tensors_save(method):
+    kind, options = method_options(method, "bert")
+    inputs = bert_inputs(4, 8)
+    del inputs["attention_mask"]
+    real = account_step(prepare(tiny_bert(), kind, **options), inputs)
+    meta_model = prepare(tiny_bert(device="meta"), kind, **options)
+    meta = account_step(meta_model, {k: v.to("meta") for k, v in inputs.items()})
+    assert meta == real
 
 
 # ------------------------------------------------------------------------ measured vs accounted
