@@ -5,9 +5,17 @@ ratio of 0.66). Peak memory on a CPU says little about that, so every method is 
 (:mod:`experiments.memory_accounting`): parameters, gradients, AdamW state and the tensors
 autograd saves for backward, counted exactly in one forward on the paper's models (RoBERTa-base,
 RoBERTa-large, LLaMA-7B; meta or fake tensors, no memory needed) over batch size, sequence
-length and precision (fp32; bf16 autocast over fp32 weights). The accounting is checked against
-measured allocator peaks of real training steps of MiniLM (CPU: torch's profiler allocation
-records; CUDA: ``torch.cuda.max_memory_allocated``).
+length and precision (fp32; bf16 autocast over fp32 weights; pure bf16 in the study and full
+presets), with the AdamW step's temporaries as torch runs them on a GPU. The accounting is
+checked against measured allocator peaks of real training steps of MiniLM (its own attention
+implementation; CPU: torch's profiler allocation records; CUDA: ``torch.cuda.max_memory_allocated``).
+
+Where the bytes go: the frozen weights are the same for every PEFT method, and gradients and
+optimizer state of 0.1-1% of the parameters are small, so the methods differ in what they save
+for backward. A method saves, for each trained tensor, what its gradient needs, and for every
+layer between the first trained tensor and the loss, what the gradient of its input needs.
+Propulsion's z on every Linear needs each Linear's output ``W x + b``; LoRA on query and value
+needs the rank-r products and the inputs of those two projections only.
 
 Under autocast every Linear whose input needs a gradient saves a half-precision copy of its
 weight for backward, frozen or not; so with fp32 weights a PEFT method whose trainable
@@ -15,10 +23,10 @@ parameters sit early in the network (LoRA, Propulsion) saves about half the mode
 Autocast is run with CPU fake tensors, so CPU autocast's op lists apply (they differ from
 CUDA's in a few ops, e.g. which reductions stay in float32).
 
-Not covered: transient buffers inside ops and of backward, the optimizer's temporaries,
-allocator rounding and fragmentation, the CUDA context and library workspaces, fused or
-memory-efficient attention kernels (attention here is transformers' eager implementation, which
-saves the (B, H, T, T) probabilities), activation checkpointing and 8-bit optimizers.
+Not covered: transient buffers inside ops and of backward, allocator rounding and
+fragmentation, the CUDA context and library workspaces, fused or memory-efficient attention
+kernels (attention here is transformers' eager implementation, which saves the (B, H, T, T)
+probabilities), activation checkpointing and 8-bit optimizers.
 
     propulsion-ntk run e8 --preset quick      # three paper models, MiniLM measured on the CPU
     propulsion-ntk run e8 --preset full --device cuda   # the same, MiniLM measured on the GPU
@@ -287,7 +295,7 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
     rat = ratios(frame)
     best = rat.loc[rat["propulsion_over_lora"].idxmin()]
     reached = rat[rat["propulsion_over_lora"] <= config.support_max_ratio]
-    where = ("settings where Propulsion is at least 1.5x below LoRA: "
+    where = (f"settings where Propulsion is at least {1 / config.support_max_ratio:.3g}x below LoRA: "
              + ("; ".join(_setting(r) for _, r in reached.iterrows()) if len(reached)
                 else f"none of the {len(rat)} settings"))
     grid = (f"grid: {', '.join(config.models)}; batch {list(config.batch_sizes)}; tokens "
