@@ -14,8 +14,9 @@ Where the bytes go: the frozen weights are the same for every PEFT method, and g
 optimizer state of 0.1-1% of the parameters are small, so the methods differ in what they save
 for backward. A method saves, for each trained tensor, what its gradient needs, and for every
 layer between the first trained tensor and the loss, what the gradient of its input needs.
-Propulsion's z on every Linear needs each Linear's output ``W x + b``; LoRA on query and value
-needs the rank-r products and the inputs of those two projections only.
+On top of what every method saves there, Propulsion's z on every Linear needs each Linear's
+output ``W x + b`` (one more activation per Linear); LoRA on query and value needs the inputs
+of those two projections and their rank-r products.
 
 Under autocast every Linear whose input needs a gradient saves a half-precision copy of its
 weight for backward, frozen or not; so with fp32 weights a PEFT method whose trainable
