@@ -354,15 +354,15 @@ def metric_rows(kernels: dict[str, torch.Tensor], config: Config, seed: int) -> 
     """
     everything = all_kernels(kernels, config.degree, config.reference_degrees)
     pairs = _pairs(everything, config.reference_degrees)
-    n = next(iter(kernels.values())).shape[0]
+    n = kernels["full"].shape[0]
+    used = {name for pair in pairs for name in pair[2:]} | ({"head", "full"} & set(everything))
     rows = []
     for layout in LAYOUTS:
-        mats = {k: _layout(v, layout) for k, v in everything.items()}
+        mats = {k: _layout(everything[k], layout) for k in used}
         for treatment, method, kernel, reference in pairs:
             for metric, value in similarity.compare(mats[reference], mats[kernel], config.top_ks).items():
                 rows.append((n, -1, layout, treatment, method, kernel, reference, metric, value))
-        for index, (size, draw, idx) in enumerate(subsets(n, config.subsample_sizes, config.n_draws, seed)):
-            del index
+        for size, draw, idx in subsets(n, config.subsample_sizes, config.n_draws, seed):
             sub = {k: v[idx][:, idx] for k, v in mats.items()}
             for treatment, method, kernel, reference in pairs:
                 for metric, value in similarity.compare(sub[reference], sub[kernel], cheap=True).items():
