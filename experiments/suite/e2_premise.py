@@ -72,7 +72,7 @@ class Config(ExperimentConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.models or (bad := set(self.models) - {"minilm", "smollm2", "mpnet"}):
+        if not self.models or set(self.models) - {"minilm", "smollm2", "mpnet"}:
             raise ValueError(f"models must name minilm, smollm2 or mpnet, got {self.models}")
         for name in ("n_sentences", "max_length", "n_seeds"):
             if getattr(self, name) < 1:
@@ -90,7 +90,7 @@ class Config(ExperimentConfig):
 
 
 PRESETS: dict[str, Config] = {
-    "tiny": Config(n_sentences=4, n_points=24, max_length=16, layer_filter=r"layer\.0\.|pooler"),
+    "tiny": Config(n_sentences=4, n_points=24, max_length=16, layer_filter=r"layer\.0\.|pooler", n_seeds=2),
     "quick": Config(),
     # measured on the 2-core machine: MiniLM ~ 10 s and SmolLM2 ~ 2 CPU min per seed and weights
     "study": Config(models=("minilm", "smollm2"), n_seeds=5, n_sentences=64, n_points=1024),
@@ -322,7 +322,8 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
     return paths
 
 
-def _model_figures(frame: pd.DataFrame, spectra: dict, model: str, config: Config, fig_dir: Path) -> list[Path]:
+def _model_figures(frame: pd.DataFrame, spectra: dict, model: str, config: Config, fig_dir: Path
+                   ) -> list[Path]:
     from experiments.figures import new_figure, save_figure, spectrum_plot
 
     colors = {"pretrained": "#D55E00", "random": "#0072B2"}
@@ -362,7 +363,8 @@ def _model_figures(frame: pd.DataFrame, spectra: dict, model: str, config: Confi
     ax.plot(x, first["eps_jl"], "k--", lw=0.8, label="JL eps = sqrt(8 ln n / d_out)")
     ax.set_yscale("log")
     ax.set_ylabel("|c (Wx).(Wx') - x.x'| / (|x||x'|)")
-    ax.set_title(f"{model}: inner-product distortion on real layer inputs (n = {int(first['n_points'].iloc[0])} "
+    points = int(first["n_points"].iloc[0])
+    ax.set_title(f"{model}: inner-product distortion on real layer inputs (n = {points} "
                  f"tokens), after the best scalar c; {note}")
     ax.set_xticks(x[::step], short[::step], rotation=90, fontsize=5)
     ax.set_ylim(top=ax.get_ylim()[1] * 10)
@@ -405,7 +407,8 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
         out += [
             make_interval_verdict(
                 claim="theorem_premise",
-                statement=("Pre-trained layers preserve inner products of their inputs up to the JL distortion "
+                statement=("Pre-trained layers preserve inner products of their inputs up to the JL "
+                           "distortion "
                            "at their width (the premise of Theorem 1)."),
                 measurement=(f"share of the {layers} pre-trained Linear layers of {model} whose largest "
                              f"distortion over {n} real token inputs (after the best scalar) is within "
@@ -420,9 +423,11 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
                 claim="theorem_premise",
                 statement=("Pre-trained W^T W is as close to a multiple of the identity as that of random "
                            "Gaussian weights of the same shape, which the JL argument assumes."),
-                measurement=(f"median over the {layers} pre-trained layers of {model} of ||W^T W / c - I||_F / "
+                measurement=(f"median over the {layers} pre-trained layers of {model} of "
+                             "||W^T W / c - I||_F / "
                              f"sqrt(d_in) divided by its iid-Gaussian expectation sqrt((d_in + 1) / d_out), "
-                             f"{seeds} (the pre-trained W do not change with the seed); random initialisation "
+                             f"{seeds} (the pre-trained W do not change with the seed); random "
+                             "initialisation "
                              f"gives {rnd['ratio'].mean():.2f}; median cond(W) pre-trained "
                              f"{pre['cond'].mean():.3g}, random {rnd['cond'].mean():.3g}"),
                 interval=mean_interval(pre["ratio"]), what="median dist / dist_gaussian",
