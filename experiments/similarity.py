@@ -32,9 +32,10 @@ by k^2, a bias block does not).
 
 Further passes: ``propulsion_k1`` (same z as ``propulsion``, degree 1: at z = 1 each layer's
 block is exactly ``1/k^2`` of the degree-k block, so scale-free metrics of the z-only sets do not
-depend on k at initialisation; the authors' preset, which also trains biases, does), ``lora`` (peft LoRA on the attention query and value projections, rank r; B drawn
-``N(0, b_std^2)`` instead of peft's zeros, because at B = 0 the A-block is exactly zero and the
-kernel is that of B alone; the small B changes the model's function by O(b_std)) and ``ia3``
+depend on k at initialisation; the authors' preset, which also trains biases, does), ``lora``
+(peft LoRA on the attention query and value projections, rank r; B drawn ``N(0, b_std^2)``
+instead of peft's zeros, because at B = 0 the A-block is exactly zero and the kernel is that of
+B alone; the small B changes the model's function by O(b_std)) and ``ia3``
 (peft's IA3 defaults for the architecture). LoRA and IA3 kernels exclude the head; compare them
 with ``full_nohead``, or add ``head`` (:func:`with_head`). ``propulsion_k1`` may be computed on
 the first examples only (``k1_examples``): it serves the exact check ``K_P(k) = k^2 K_P(1)``.
@@ -229,8 +230,9 @@ def parameter_counts(model: nn.Module, sets: Mapping[str, list[str]]) -> dict[st
 
 
 def _kernels(model: nn.Module, x: Any, sets: Mapping[str, Any], dtype: torch.dtype,
-             batch_size: int | None) -> dict[str, torch.Tensor]:
-    out = ntk.kernels(model, x, params=dict(sets), output="full", dtype=dtype, batch_size=batch_size)
+             batch_size: int | None, memory_budget: float | None = None) -> dict[str, torch.Tensor]:
+    out = ntk.kernels(model, x, params=dict(sets), output="full", dtype=dtype, batch_size=batch_size,
+                      memory_budget=memory_budget)
     return {k: v.detach().cpu() for k, v in out.items()}  # type: ignore[union-attr]
 
 
@@ -278,7 +280,8 @@ _PEFT_PARAMS = {"lora": "lora", "ia3": lambda name, _: "ia3_l" in name}
 def method_kernels(model: nn.Module, x: Any, *, degree: int, peft_methods: tuple[str, ...] = (),
                    lora_rank: int = 8, lora_alpha: int = 16, lora_b_std: float = 0.02, seed: int = 0,
                    dtype: torch.dtype = torch.float64, batch_size: int | None = None,
-                   k1_examples: int | None = None) -> dict[str, torch.Tensor]:
+                   k1_examples: int | None = None, memory_budget: float | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Full-layout kernels ``(N, N, C, C)`` of every parameter set of the module docstring.
 
     Args:
@@ -293,6 +296,7 @@ def method_kernels(model: nn.Module, x: Any, *, degree: int, peft_methods: tuple
         batch_size: largest tile of examples (None: from the memory budget).
         k1_examples: compute ``propulsion_k1`` (the check of ``K_P(k) = k^2 K_P(1)``) on the first
             this many examples only (``(n, n, C, C)``); None: on all.
+        memory_budget: bytes each kernel pass may use (None: a share of the free memory).
 
     Returns:
         set name -> kernel on the CPU.
@@ -308,12 +312,13 @@ def method_kernels(model: nn.Module, x: Any, *, degree: int, peft_methods: tuple
 
     wrapped = get_propulsion_model(copy.deepcopy(model),
                                    PropulsionConfig(degree=degree, include_embeddings=has_embedding))
-    out = _kernels(wrapped, x, propulsion_sets(wrapped), dtype, batch_size)
+    out = _kernels(wrapped, x, propulsion_sets(wrapped), dtype, batch_size, memory_budget)
     del wrapped
 
     wrapped = get_propulsion_model(copy.deepcopy(model), PropulsionConfig(degree=1))
     x1 = x if k1_examples is None else _slice(x, k1_examples)
-    out.update(_kernels(wrapped, x1, {"propulsion_k1": "propulsion"}, dtype, batch_size))
+    out.update(_kernels(wrapped, x1, {"propulsion_k1": "propulsion"}, dtype, batch_size,
+                        memory_budget))
     del wrapped
 
     for method in peft_methods:
@@ -321,7 +326,8 @@ def method_kernels(model: nn.Module, x: Any, *, degree: int, peft_methods: tuple
         # attributes them to the layer that uses them (checked against the Jacobian in the tests).
         adapted = _peft_model(model, method, lora_rank=lora_rank, lora_alpha=lora_alpha,
                               lora_b_std=lora_b_std, seed=seed)
-        out.update(_kernels(adapted, x, {method: _PEFT_PARAMS[method]}, dtype, batch_size))
+        out.update(_kernels(adapted, x, {method: _PEFT_PARAMS[method]}, dtype, batch_size,
+                            memory_budget))
         del adapted
     zero = [name for name, kernel in out.items() if not bool(kernel.abs().max() > 0)]
     if zero:

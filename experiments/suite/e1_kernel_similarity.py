@@ -146,6 +146,8 @@ class Config(ExperimentConfig):
     sweep_examples: int = field(default=32, metadata={"help": "N inputs per kernel of the width sweeps"})
     sweep_seeds: int = field(default=1, metadata={"help": "seeds of the width sweeps"})
     model_dtype: str = field(default="float64", metadata={"help": "dtype of the models (float64 or float32)"})
+    memory_gib: float = field(
+        default=3.0, metadata={"help": "memory budget of each kernel pass in GiB (tiles; 0: automatic)"})
     top_ks: tuple[int, ...] = field(default=(2, 10), metadata={"help": "k of the top-k eigenspace overlaps"})
     verdict_layout: str = field(
         default="full", metadata={"help": "kernel layout of the verdicts: full or trace"})
@@ -196,6 +198,8 @@ class Config(ExperimentConfig):
             raise ValueError(f"verdict_layout must be one of {LAYOUTS}, got {self.verdict_layout!r}")
         if not self.lora_b_std > 0:
             raise ValueError(f"lora_b_std must be > 0, got {self.lora_b_std}")
+        if self.memory_gib < 0:
+            raise ValueError(f"memory_gib must be >= 0 (0: automatic), got {self.memory_gib}")
         if any(k < 1 for k in self.top_ks):
             raise ValueError(f"top_ks must be >= 1, got {self.top_ks}")
         if not 0 < self.refute_cka < self.support_cka <= 1:
@@ -394,10 +398,12 @@ def compute_unit(unit: Unit, config: Config) -> tuple[pd.DataFrame, dict[str, np
     model, x, labels = build(unit, config)
     peft = config.peft_methods if unit.family in LANGUAGE_MODELS else ()
     n = config.examples(unit.family)
+    budget = config.memory_gib * 2**30 if config.memory_gib > 0 else None
     kernels = similarity.method_kernels(model, x, degree=config.degree, peft_methods=peft,
                                         lora_rank=config.lora_rank, lora_b_std=config.lora_b_std,
                                         seed=unit.seed, dtype=config.torch_kernel_dtype,
-                                        k1_examples=min(n, config.k1_examples))
+                                        k1_examples=min(n, config.k1_examples),
+                                        memory_budget=budget)
     kernels = {k: v.to(torch.float64) for k, v in kernels.items()}
     counts = similarity.method_parameter_counts(model, degree=config.degree, peft_methods=peft,
                                                 lora_rank=config.lora_rank)
