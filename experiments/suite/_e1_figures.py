@@ -253,8 +253,8 @@ def _convergence(
         ax.tick_params(labelleft=True)
     axes[0, 0].legend(fontsize=5)
     fig.suptitle(
-        "Similarity against N: biased estimators (dashed) fall with N, unbiased ones (solid) do not; "
-        "(a) z on the head, (b) head excluded, (c) head trained in full",
+        "Similarity against N (means over random subsets per seed): dashed biased estimators (inflated at "
+        "small N), solid unbiased ones; (a) z on the head, (b) head excluded, (c) head trained in full",
         fontsize=6,
     )
     return save_figure(fig, fig_dir, "e1_convergence")
