@@ -58,7 +58,7 @@ is < -0.05. Width: the gap ``1 - cka_examples_u`` at the widest model over the n
 seed; shrinking is supported if the whole interval is <= 0.5, not supported if >= 0.9.
 
     propulsion-ntk run e1_kernel_similarity --preset quick   # 2 CPU cores, minutes
-    propulsion-ntk run e1_kernel_similarity --preset study   # 2 CPU cores, ~1 h (resumable)
+    propulsion-ntk run e1_kernel_similarity --preset study   # 2 CPU cores, ~45-60 min (resumable)
     propulsion-ntk run e1_kernel_similarity --preset full --device cuda
 """
 
@@ -230,10 +230,11 @@ PRESETS: dict[str, Config] = {
                    mlp_widths=(8, 32), mlp_depth=2, mlp_input_dim=4, transformer_widths=(32, 64),
                    transformer_layers=1, sweep_examples=8, sweep_seeds=2, top_ks=(2,)),
     "quick": Config(),
-    # Sized from measured unit times on the 2-core machine (see the report of issue 13):
-    # MiniLM N=256 ~ 6.5 CPU min per unit, SmolLM2 N=64 ~ 5 CPU min per unit.
-    "study": Config(n_examples=256, subsample_sizes=(32, 64, 128), n_draws=20, n_seeds=5,
-                    smollm2_variants=("pretrained",), smollm2_examples=64, smollm2_seeds=3,
+    # Sized from unit times measured on the shared 2-core machine (one thread, CPU seconds):
+    # MiniLM N = 256 276 s per unit (10 units), SmolLM2 N = 32 ~ 280 s per unit (5 units; its
+    # full-layout kernel at N = 64 would take ~15 min per unit), sweeps at N = 64 ~ 10 s per unit.
+    "study": Config(n_examples=256, subsample_sizes=(32, 64, 128), n_draws=20, n_seeds=5, k1_examples=16,
+                    smollm2_variants=("pretrained",), smollm2_examples=32, smollm2_seeds=5,
                     sweep_examples=64, sweep_seeds=5, mlp_widths=(32, 64, 128, 256, 512),
                     transformer_widths=(32, 64, 128, 256)),
     "full": Config(device="auto", n_examples=512, subsample_sizes=(32, 64, 128, 256), max_length=64,
