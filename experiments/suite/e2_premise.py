@@ -26,7 +26,7 @@ are decided on the 95% Student-t interval over seeds of the per-seed share of la
 eps_jl and of the per-seed median ratio dist / dist_gaussian.
 
     propulsion-ntk run e2 --preset quick      # CPU, seconds
-    propulsion-ntk run e2 --preset study      # 2 CPU cores, minutes (MiniLM and SmolLM2, 5 seeds)
+    propulsion-ntk run e2 --preset study      # 2 CPU cores, ~10 min (MiniLM and SmolLM2, 5 seeds)
     propulsion-ntk run e2 --preset full --device cuda
 """
 
@@ -92,7 +92,8 @@ class Config(ExperimentConfig):
 PRESETS: dict[str, Config] = {
     "tiny": Config(n_sentences=4, n_points=24, max_length=16, layer_filter=r"layer\.0\.|pooler", n_seeds=2),
     "quick": Config(),
-    # measured on the 2-core machine: MiniLM ~ 10 s and SmolLM2 ~ 2 CPU min per seed and weights
+    # measured on the shared 2-core machine (one thread): per seed (pre-trained and random W)
+    # MiniLM 22 CPU s, SmolLM2 150 CPU s (210 layers; its GGUF load included)
     "study": Config(models=("minilm", "smollm2"), n_seeds=5, n_sentences=64, n_points=1024),
     "full": Config(device="auto", models=("minilm", "smollm2"), n_seeds=5, n_sentences=128, n_points=2048),
 }
