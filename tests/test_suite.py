@@ -1,4 +1,5 @@
-"""The suite's base (configs, Store, verdicts), the figures module, and experiments 2 and 7."""
+"""The suite's base (configs, Store, verdicts), the figures module, and experiment 7 (experiment 2:
+test_e2_premise.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 import torch
 
 from experiments import figures as F
-from experiments.suite import e2_premise as e2
 from experiments.suite import e7_parameter_counts as e7
 from experiments.suite.base import (
     ExperimentConfig,
@@ -241,77 +241,3 @@ def test_e7_figures_name_a_missing_unit(tmp_path):
     with pytest.raises(MissingResultError, match=r"counts/roberta-base.*propulsion-ntk run"):
         e7.figures(store, tmp_path / "f")
     assert not (tmp_path / "f").exists()
-
-
-# --------------------------------------------------------------------- experiment 2 -------
-def test_e2_measures_against_direct_formulas():
-    gen = torch.Generator().manual_seed(0)
-    for d_out, d_in in ((40, 12), (12, 40)):
-        W = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-        sigma = e2.singular_values(W)
-        torch.testing.assert_close(sigma, torch.linalg.svdvals(W), rtol=1e-8, atol=1e-10)
-        M = W.T @ W
-        direct = torch.linalg.matrix_norm(M / (M.trace() / d_in) - torch.eye(d_in, dtype=torch.float64))
-        assert e2.identity_distance(sigma, d_in) == pytest.approx(float(direct) / math.sqrt(d_in), rel=1e-10)
-    assert e2.jl_epsilon(100, 50) == pytest.approx(math.sqrt(8 * math.log(100) / 50))
-    Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))
-    X = torch.randn(15, 20, generator=gen, dtype=torch.float64)
-    d = e2.distortion(3.0 * Q, X)  # a scaled isometry: raw distortion only from the scale
-    assert d["best_max"] < 1e-12 and d["scale_best"] == pytest.approx(1 / 9)
-    assert d["raw_max"] == pytest.approx(8.0, rel=1e-9)  # |9 - 1| on the diagonal
-
-
-def test_e2_identity_distance_of_gaussian_weights_matches_marchenko_pastur():
-    gen = torch.Generator().manual_seed(1)
-    for d_out, d_in in ((1024, 256), (256, 256), (256, 512)):
-        W = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-        dist = e2.identity_distance(e2.singular_values(W), d_in)
-        assert dist == pytest.approx(math.sqrt((d_in + 1) / d_out), rel=0.05)
-
-
-def _fake_layers(within: float, ratio: float) -> dict[str, pd.DataFrame]:
-    n = 10
-    base = pd.DataFrame({"layer": [f"l{i}" for i in range(n)], "block": list(range(n)), "kind": "q",
-                         "d_in": 64, "d_out": 64, "cond_W": 10.0, "n_points": 32, "eps_jl": 0.5,
-                         "best_max": 0.1, "best_median": 0.05, "dist_gaussian": 1.0, "dist_identity": 1.0})
-    pre = base.assign(dist_identity=ratio, weights="pretrained",
-                      best_max=[0.1 if i < round(within * n) else 0.9 for i in range(n)])
-    return {"pretrained": pre.assign(within_jl=pre["best_max"] <= pre["eps_jl"]),
-            "random": base.assign(weights="random", within_jl=True)}
-
-
-@pytest.mark.parametrize(("within", "ratio", "expected"), [
-    (1.0, 1.0, ("supported", "supported")), (0.7, 2.0, ("inconclusive", "inconclusive")),
-    (0.2, 4.0, ("not supported", "not supported")),
-])
-def test_e2_verdicts_follow_the_numbers(tmp_path, within, ratio, expected):
-    store = Store(tmp_path, e2.NAME, e2.PRESETS["tiny"])
-    for weights, frame in _fake_layers(within, ratio).items():
-        store.save_table(f"layers/{weights}", frame)
-    assert tuple(v.verdict for v in e2.verdicts(store, store.config)) == expected
-
-
-@pytest.mark.realmodel
-def test_e2_tiny_run_tables_figures_verdicts(tmp_path, monkeypatch):
-    monkeypatch.setenv("PROPULSION_NTK_CACHE", str(tmp_path / "cache"))  # split records of this test only
-    config = e2.PRESETS["tiny"]
-    store = Store(tmp_path, e2.NAME, config)
-    e2.main(config, store)
-    frame = store.table("layers/")
-    assert set(frame["weights"]) == {"pretrained", "random"} and len(frame) == 2 * 7  # layer 0 + pooler
-    pooler = frame["layer"].str.contains("pooler")  # sees one vector (CLS) per sentence
-    assert (frame.loc[~pooler, "n_points"] == config.n_points).all()
-    assert (frame.loc[pooler, "n_points"] == config.n_sentences).all() and frame["best_max"].notna().all()
-    rnd = frame[frame["weights"] == "random"]
-    # BERT's init is iid N(0, 0.02^2): its distance is the Marchenko-Pastur value.
-    np.testing.assert_allclose(rnd["dist_identity"], rnd["dist_gaussian"], rtol=0.1)
-    spectra = store.load_arrays("spectra/pretrained")
-    assert len(spectra) == 7 and all(np.all(np.diff(s) <= 0) for s in spectra.values())
-    paths = e2.figures(store, tmp_path / "figs")
-    stems = ("condition_numbers", "distortion", "spectra")
-    assert sorted(p.name for p in paths) == sorted(f"e2_{s}.{x}" for s in stems for x in ("pdf", "png"))
-    verdicts = e2.verdicts(store, config)
-    assert [v.claim for v in verdicts] == ["theorem_premise"] * 2
-    again = Store(tmp_path, e2.NAME, config)
-    e2.main(config, again)
-    assert again.computed == []

@@ -2,8 +2,10 @@
 
 Theorem 1 argues through the Johnson-Lindenstrauss (JL) lemma that a layer's weight W (d_out, d_in)
 preserves inner products of its inputs, so that Propulsion's per-layer metric k^2 W^T W agrees
-with full fine-tuning's identity metric up to scale. For every Linear layer of the pre-trained
-MiniLM, and of the same architecture with random weights (seeded ``from_config``):
+with full fine-tuning's identity metric up to scale. For every Linear layer (the head excepted)
+of the pre-trained MiniLM (BERT encoder) and SmolLM2-135M (LLaMA decoder; its offline package
+stores the weights 4-bit quantised, Q4_1, which is what is measured), and of the same
+architectures with random weights (seeded ``from_config``):
 
 * singular values sigma of W, condition number cond(W) = sigma_max / sigma_min (over the
   min(d_in, d_out) singular values; W^T W itself is singular when d_out < d_in);
@@ -18,7 +20,13 @@ MiniLM, and of the same architecture with random weights (seeded ``from_config``
   feed both weights), ``D_ab = |c (W x_a)^T (W x_b) - x_a^T x_b| / (|x_a| |x_b|)`` over pairs
   a <= b, raw (c = 1) and after the best scalar c* = argmin_c sum_ab D_ab^2 (scale-free).
 
+Seeds: each seed draws other sentences and other token inputs per layer (and, for random weights,
+other weights); the pre-trained W and so its distance from the identity do not change. Verdicts
+are decided on the 95% Student-t interval over seeds of the per-seed share of layers within
+eps_jl and of the per-seed median ratio dist / dist_gaussian.
+
     propulsion-ntk run e2 --preset quick      # CPU, seconds
+    propulsion-ntk run e2 --preset study      # 2 CPU cores, ~10 min (MiniLM and SmolLM2, 5 seeds)
     propulsion-ntk run e2 --preset full --device cuda
 """
 
@@ -34,7 +42,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from experiments.suite.base import ExperimentConfig, Store, Verdict, make_verdict
+from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
+from experiments.suite.stats import mean_interval
 
 NAME = "e2_premise"
 TITLE = "The theorem's premise: is W^T W of pre-trained layers close to a scaled identity (JL)?"
@@ -44,7 +53,9 @@ WEIGHTS = ("pretrained", "random")
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
-    model: str = field(default="minilm", metadata={"help": "offline model (experiments.models)"})
+    models: tuple[str, ...] = field(
+        default=("minilm",), metadata={"help": "offline models (experiments.models): minilm, smollm2"})
+    n_seeds: int = field(default=1, metadata={"help": "seeds seed .. seed + n_seeds - 1 (sentences, inputs)"})
     n_sentences: int = field(default=16, metadata={"help": "Rotten Tomatoes sentences fed to the model"})
     max_length: int = field(default=32, metadata={"help": "tokens per sentence at most"})
     n_points: int = field(default=256, metadata={"help": "layer inputs (tokens) sampled per layer"})
@@ -61,7 +72,9 @@ class Config(ExperimentConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("n_sentences", "max_length"):
+        if not self.models or set(self.models) - {"minilm", "smollm2", "mpnet"}:
+            raise ValueError(f"models must name minilm, smollm2 or mpnet, got {self.models}")
+        for name in ("n_sentences", "max_length", "n_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_points < 2:
@@ -77,10 +90,12 @@ class Config(ExperimentConfig):
 
 
 PRESETS: dict[str, Config] = {
-    "tiny": Config(n_sentences=4, n_points=24, max_length=16, layer_filter=r"layer\.0\.|pooler"),
+    "tiny": Config(n_sentences=4, n_points=24, max_length=16, layer_filter=r"layer\.0\.|pooler", n_seeds=2),
     "quick": Config(),
-    "study": Config(),  # placeholder until the study sizes are set (issue 13)
-    "full": Config(device="auto", n_sentences=128, n_points=2048),
+    # measured on the shared 2-core machine (one thread): per seed (pre-trained and random W)
+    # MiniLM 22 CPU s, SmolLM2 150 CPU s (210 layers; its GGUF load included)
+    "study": Config(models=("minilm", "smollm2"), n_seeds=5, n_sentences=64, n_points=1024),
+    "full": Config(device="auto", models=("minilm", "smollm2"), n_seeds=5, n_sentences=128, n_points=2048),
 }
 
 
@@ -227,128 +242,197 @@ def _layer_row(name: str, weight: torch.Tensor, X: torch.Tensor) -> tuple[dict, 
     return row, sigma.cpu().numpy()
 
 
+def units(config: Config) -> list[tuple[str, str, int]]:
+    """(model, weights, seed) of every unit; table ``layers/<model>-<weights>-s<seed>``."""
+    return [(m, w, s) for m in config.models for s in range(config.seed, config.seed + config.n_seeds)
+            for w in WEIGHTS]
+
+
+def unit_name(model: str, weights: str, seed: int) -> str:
+    return f"{model}-{weights}-s{seed}"
+
+
 def main(config: Config, store: Store, *, progress: bool = False) -> None:
-    """Tables ``layers/<weights>`` and spectra ``spectra/<weights>`` for pre-trained and random W."""
-    todo = [w for w in WEIGHTS if not (store.done(f"layers/{w}") and store.done(f"spectra/{w}"))]
-    if not todo:
-        return
+    """Tables ``layers/<unit>`` for pre-trained and random W of every model and seed, and the
+    singular values ``spectra/<unit>`` of the first seed."""
     from experiments.data import load_rotten_tomatoes
     from experiments.models import load_model, load_tokenizer
 
     device = config.resolve_device()
-    pretrained = load_model(config.model, device=device, seed=config.seed)
-    texts = load_rotten_tomatoes(seed=config.seed).train["text"].tolist()[: config.n_sentences]
-    batch = load_tokenizer(config.model)(texts, padding=True, truncation=True, max_length=config.max_length,
-                                         return_tensors="pt")
-    inputs = capture_inputs(pretrained, {k: v.to(device) for k, v in batch.items()}, config.n_points,
-                            config.seed, config.layer_filter)
-    for weights in todo:
-        if progress:
-            print(f"  {weights} weights: {len(inputs)} layers")
-        model = pretrained if weights == "pretrained" else _random_model(pretrained, config.seed, device)
-        frame, spectra = layer_table(model, inputs)
-        store.save_arrays(f"spectra/{weights}", **spectra)
-        store.save_table(f"layers/{weights}", frame.assign(weights=weights))
+    for model_name in config.models:
+        todo = [(w, s) for m, w, s in units(config) if m == model_name
+                and not store.done(f"layers/{unit_name(m, w, s)}")]
+        if not todo:
+            continue
+        pretrained = load_model(model_name, device=device, seed=config.seed)
+        tokenizer = load_tokenizer(model_name)
+        for seed in sorted({s for _, s in todo}):
+            texts = load_rotten_tomatoes(seed=seed).train["text"].tolist()[: config.n_sentences]
+            batch = tokenizer(texts, padding=True, truncation=True, max_length=config.max_length,
+                              return_tensors="pt")
+            inputs = capture_inputs(pretrained, {k: v.to(device) for k, v in batch.items()}, config.n_points,
+                                    seed, config.layer_filter)
+            for weights in [w for w, s in todo if s == seed]:
+                name = unit_name(model_name, weights, seed)
+                if progress:
+                    print(f"  {name}: {len(inputs)} layers", flush=True)
+                model = pretrained if weights == "pretrained" else _random_model(pretrained, seed, device)
+                frame, spectra = layer_table(model, inputs)
+                if seed == config.seed:
+                    store.save_arrays(f"spectra/{name}", **spectra)
+                store.save_table(f"layers/{name}", frame.assign(weights=weights, model=model_name, seed=seed))
+        del pretrained
 
 
 # ------------------------------------------------------------------------------- figures -----
-def _layers(store: Store) -> pd.DataFrame:
-    store.require(*(f"layers/{w}" for w in WEIGHTS))
-    return pd.concat([store.load_table(f"layers/{w}") for w in WEIGHTS], ignore_index=True)
+def _layers(store: Store, config: Config) -> pd.DataFrame:
+    names = [f"layers/{unit_name(*u)}" for u in units(config)]
+    store.require(*names)
+    return pd.concat([store.load_table(n) for n in names], ignore_index=True)
+
+
+def _suffix(model: str) -> str:
+    return "" if model == "minilm" else f"_{model}"
+
+
+def _per_layer(frame: pd.DataFrame, column: str, layers: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over seeds per layer (in ``layers`` order) and the half-width of its 95% t interval
+    (0 with one seed)."""
+    from experiments.figures import t_quantile
+
+    stats = frame.groupby("layer")[column].agg(["mean", "std", "count"]).loc[layers]
+    half = np.nan_to_num(stats["std"].to_numpy() * t_quantile(stats["count"]) / np.sqrt(stats["count"]))
+    return stats["mean"].to_numpy(), half
 
 
 def figures(store: Store, fig_dir: Path) -> list[Path]:
-    """Condition numbers and distance from identity per layer; distortion against eps_jl; spectra."""
-    from experiments.figures import new_figure, save_figure, spectrum_plot, style
+    """Per model: condition numbers and distance from identity per layer; distortion against
+    eps_jl (mean over seeds, 95% interval bars); spectra of the first seed."""
+    from experiments.figures import style
 
-    frame = _layers(store)
-    store.require(*(f"spectra/{w}" for w in WEIGHTS))
-    spectra = {w: store.load_arrays(f"spectra/{w}") for w in WEIGHTS}
-    colors = {"pretrained": "#D55E00", "random": "#0072B2"}
-    layers = frame[frame["weights"] == "pretrained"]["layer"].tolist()
-    x = np.arange(len(layers))
-    short = [f"{b}.{k}" if b >= 0 else k for b, k in
-             frame[frame["weights"] == "pretrained"][["block", "kind"]].itertuples(index=False)]
+    config = store.config
+    assert isinstance(config, Config)
+    frame = _layers(store, config)
     paths: list[Path] = []
     with style():
-        fig, (ax1, ax2) = new_figure("full", aspect=0.55, nrows=2, sharex=True)
-        for w in WEIGHTS:
-            sub = frame[frame["weights"] == w].set_index("layer").loc[layers]
-            ax1.plot(x, sub["cond_W"], "o-", ms=2.5, color=colors[w], label=f"{w} W")
-            ax2.plot(x, sub["dist_identity"], "o-", ms=2.5, color=colors[w], label=f"{w} W")
-        ax2.plot(x, sub["dist_gaussian"], "k--", lw=0.8, label="iid Gaussian, expected")
-        ax1.set_yscale("log")
-        ax1.set_ylabel("cond(W)")
-        ax1.set_title("Condition number of W (sigma_max / sigma_min)")
-        ax2.set_ylabel("||W^T W / c - I||_F / sqrt(d_in)")
-        ax2.set_title("Distance of W^T W from a multiple of the identity (c = tr / d_in)")
-        ax2.set_xticks(x, short, rotation=90, fontsize=5)
-        ax1.legend()
-        ax2.legend()
-        paths += save_figure(fig, fig_dir, "e2_condition_numbers")
+        for model in config.models:
+            names = {w: f"spectra/{unit_name(model, w, config.seed)}" for w in WEIGHTS}
+            store.require(*names.values())
+            spectra = {w: store.load_arrays(n) for w, n in names.items()}
+            paths += _model_figures(frame[frame["model"] == model], spectra, model, config, Path(fig_dir))
+    return paths
 
-        fig, ax = new_figure("full", aspect=0.38)
-        for w in WEIGHTS:
-            sub = frame[frame["weights"] == w].set_index("layer").loc[layers]
-            ax.plot(x, sub["best_max"], "o-", ms=2.5, color=colors[w], label=f"{w}: max over pairs")
-            ax.plot(x, sub["best_median"], "s:", ms=2, color=colors[w], label=f"{w}: median")
-        ax.plot(x, sub["eps_jl"], "k--", lw=0.8, label="JL eps = sqrt(8 ln n / d_out)")
-        ax.set_yscale("log")
-        ax.set_ylabel("|c (Wx).(Wx') - x.x'| / (|x||x'|)")
-        ax.set_title(f"Inner-product distortion on real layer inputs (n = {int(sub['n_points'].iloc[0])} "
-                     "tokens), after the best scalar c")
-        ax.set_xticks(x, short, rotation=90, fontsize=5)
-        ax.set_ylim(top=ax.get_ylim()[1] * 10)
-        ax.legend(ncols=3, fontsize=6, loc="upper center")
-        paths += save_figure(fig, fig_dir, "e2_distortion")
 
-        picks = [next((n for n in layers if pred(n)), None) for pred in (
-            lambda n: n.endswith("query"), lambda n: "intermediate" in n,
-            lambda n: n.endswith("output.dense") and "attention" not in n)]
-        picks = list(dict.fromkeys(p for p in picks if p is not None)) or layers[:3]
-        fig, ax = new_figure("column", aspect=0.8)
-        styles = ("-", "--", ":")
-        for name, ls in zip(picks, styles, strict=False):
-            for w in WEIGHTS:
-                spectrum_plot(ax, {f"{w} {short[layers.index(name)]}": spectra[w][name] ** 2},
-                              normalise="mean", colors={f"{w} {short[layers.index(name)]}": colors[w]},
-                              linestyles={f"{w} {short[layers.index(name)]}": ls})
-        ax.set_ylabel("sigma^2 / mean(sigma^2)")
-        ax.set_title("Squared singular values of W (non-zero spectrum of W^T W)")
-        ax.legend(fontsize=5)
-        paths += save_figure(fig, fig_dir, "e2_spectra")
+def _model_figures(frame: pd.DataFrame, spectra: dict, model: str, config: Config, fig_dir: Path
+                   ) -> list[Path]:
+    from experiments.figures import new_figure, save_figure, spectrum_plot
+
+    colors = {"pretrained": "#D55E00", "random": "#0072B2"}
+    first = frame[(frame["weights"] == "pretrained") & (frame["seed"] == config.seed)]
+    layers = first["layer"].tolist()
+    x = np.arange(len(layers))
+    short = [f"{b}.{k}" if b >= 0 else k for b, k in first[["block", "kind"]].itertuples(index=False)]
+    step = max(1, len(layers) // 60)  # at most ~60 tick labels
+    seeds = config.n_seeds
+    note = f"{seeds} seeds, bars: 95% interval" if seeds > 1 else "one seed"
+    paths: list[Path] = []
+    fig, (ax1, ax2) = new_figure("full", aspect=0.55, nrows=2, sharex=True)
+    for w in WEIGHTS:
+        sub = frame[frame["weights"] == w]
+        for ax, column in ((ax1, "cond_W"), (ax2, "dist_identity")):
+            mean, half = _per_layer(sub, column, layers)
+            ax.errorbar(x, mean, yerr=half, fmt="o-", ms=2.5, lw=0.8, elinewidth=0.6, color=colors[w],
+                        label=f"{w} W")
+    ax2.plot(x, first["dist_gaussian"], "k--", lw=0.8, label="iid Gaussian, expected")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("cond(W)")
+    ax1.set_title(f"{model}: condition number of W (sigma_max / sigma_min; {note})")
+    ax2.set_ylabel("||W^T W / c - I||_F / sqrt(d_in)")
+    ax2.set_title("Distance of W^T W from a multiple of the identity (c = tr / d_in)")
+    ax2.set_xticks(x[::step], short[::step], rotation=90, fontsize=5)
+    ax1.legend()
+    ax2.legend()
+    paths += save_figure(fig, fig_dir, f"e2_condition_numbers{_suffix(model)}")
+
+    fig, ax = new_figure("full", aspect=0.38)
+    for w in WEIGHTS:
+        sub = frame[frame["weights"] == w]
+        for column, fmt, what in (("best_max", "o-", "max over pairs"), ("best_median", "s:", "median")):
+            mean, half = _per_layer(sub, column, layers)
+            ax.errorbar(x, mean, yerr=half, fmt=fmt, ms=2, lw=0.8, elinewidth=0.6, color=colors[w],
+                        label=f"{w}: {what}")
+    ax.plot(x, first["eps_jl"], "k--", lw=0.8, label="JL eps = sqrt(8 ln n / d_out)")
+    ax.set_yscale("log")
+    ax.set_ylabel("|c (Wx).(Wx') - x.x'| / (|x||x'|)")
+    points = int(first["n_points"].iloc[0])
+    ax.set_title(f"{model}: inner-product distortion on real layer inputs (n = {points} "
+                 f"tokens), after the best scalar c; {note}")
+    ax.set_xticks(x[::step], short[::step], rotation=90, fontsize=5)
+    ax.set_ylim(top=ax.get_ylim()[1] * 10)
+    ax.legend(ncols=3, fontsize=6, loc="upper center")
+    paths += save_figure(fig, fig_dir, f"e2_distortion{_suffix(model)}")
+
+    picks = [next((n for n in layers if pred(n)), None) for pred in (
+        lambda n: n.endswith(("query", "q_proj")), lambda n: "intermediate" in n or n.endswith("up_proj"),
+        lambda n: (n.endswith("output.dense") and "attention" not in n) or n.endswith("down_proj"))]
+    picks = list(dict.fromkeys(p for p in picks if p is not None)) or layers[:3]
+    fig, ax = new_figure("column", aspect=0.8)
+    for name, ls in zip(picks, ("-", "--", ":"), strict=False):
+        for w in WEIGHTS:
+            label = f"{w} {short[layers.index(name)]}"
+            spectrum_plot(ax, {label: spectra[w][name] ** 2}, normalise="mean", colors={label: colors[w]},
+                          linestyles={label: ls})
+    ax.set_ylabel("sigma^2 / mean(sigma^2)")
+    ax.set_title(f"{model}: squared singular values of W (seed {config.seed})")
+    ax.legend(fontsize=5)
+    paths += save_figure(fig, fig_dir, f"e2_spectra{_suffix(model)}")
     return paths
 
 
 def verdicts(store: Store, config: Config) -> list[Verdict]:
-    frame = _layers(store)
-    pre, rnd = (frame[frame["weights"] == w] for w in WEIGHTS)
-    n = int(pre["n_points"].iloc[0])
-    ratio_pre = float((pre["dist_identity"] / pre["dist_gaussian"]).median())
-    ratio_rnd = float((rnd["dist_identity"] / rnd["dist_gaussian"]).median())
-    return [
-        make_verdict(
-            claim="theorem_premise",
-            statement=("Pre-trained layers preserve inner products of their inputs up to the JL distortion "
-                       "at their width (the premise of Theorem 1)."),
-            measurement=(f"share of the {len(pre)} pre-trained Linear layers of {config.model} whose largest "
-                         f"distortion over {n} real token inputs (after the best scalar) is within "
-                         f"eps_jl = sqrt(8 ln n / d_out); random weights on the same inputs: "
-                         f"{rnd['within_jl'].mean():.2f}; median largest distortion pre-trained "
-                         f"{pre['best_max'].median():.3f}, random {rnd['best_max'].median():.3f}"),
-            value=float(pre["within_jl"].mean()), what="share within eps_jl",
-            support_if=(">=", config.support_fraction_within_jl),
-            refute_if=("<", config.refute_fraction_within_jl),
-            figure="e2_distortion", experiment=NAME),
-        make_verdict(
-            claim="theorem_premise",
-            statement=("Pre-trained W^T W is as close to a multiple of the identity as that of random "
-                       "Gaussian weights of the same shape, which the JL argument assumes."),
-            measurement=(f"median over the {len(pre)} pre-trained layers of ||W^T W / c - I||_F / sqrt(d_in) "
-                         f"divided by its iid-Gaussian expectation sqrt((d_in + 1) / d_out); random "
-                         f"initialisation gives {ratio_rnd:.2f}; median cond(W) pre-trained "
-                         f"{pre['cond_W'].median():.3g}, random {rnd['cond_W'].median():.3g}"),
-            value=ratio_pre, what="median dist / dist_gaussian",
-            support_if=("<=", config.support_dist_ratio), refute_if=(">=", config.refute_dist_ratio),
-            figure="e2_condition_numbers", experiment=NAME),
-    ]
+    """Per model: the share of pre-trained layers within the JL distortion, and the distance of
+    pre-trained W^T W from a scaled identity relative to Gaussian weights (intervals over seeds)."""
+    frame = _layers(store, config)
+    out = []
+    for model in config.models:
+        sub = frame[frame["model"] == model]
+        per_seed = sub.groupby(["weights", "seed"]).apply(
+            lambda g: pd.Series({"within": g["within_jl"].mean(),
+                                 "ratio": (g["dist_identity"] / g["dist_gaussian"]).median(),
+                                 "best_max": g["best_max"].median(), "cond": g["cond_W"].median()}),
+            include_groups=False)
+        pre, rnd = per_seed.loc["pretrained"], per_seed.loc["random"]
+        layers = int((sub["weights"] == "pretrained").sum() / len(pre))
+        n = int(sub["n_points"].max())
+        seeds = f"{len(pre)} seed(s) (sentences and sampled tokens; random weights redrawn per seed)"
+        out += [
+            make_interval_verdict(
+                claim="theorem_premise",
+                statement=("Pre-trained layers preserve inner products of their inputs up to the JL "
+                           "distortion "
+                           "at their width (the premise of Theorem 1)."),
+                measurement=(f"share of the {layers} pre-trained Linear layers of {model} whose largest "
+                             f"distortion over {n} real token inputs (after the best scalar) is within "
+                             f"eps_jl = sqrt(8 ln n / d_out), {seeds}; random weights on the same inputs: "
+                             f"{rnd['within'].mean():.2f}; median largest distortion pre-trained "
+                             f"{pre['best_max'].mean():.3f}, random {rnd['best_max'].mean():.3f}"),
+                interval=mean_interval(pre["within"]), what="share within eps_jl",
+                support_if=(">=", config.support_fraction_within_jl),
+                refute_if=("<", config.refute_fraction_within_jl),
+                figure=f"e2_distortion{_suffix(model)}", experiment=NAME),
+            make_interval_verdict(
+                claim="theorem_premise",
+                statement=("Pre-trained W^T W is as close to a multiple of the identity as that of random "
+                           "Gaussian weights of the same shape, which the JL argument assumes."),
+                measurement=(f"median over the {layers} pre-trained layers of {model} of "
+                             "||W^T W / c - I||_F / "
+                             f"sqrt(d_in) divided by its iid-Gaussian expectation sqrt((d_in + 1) / d_out), "
+                             f"{seeds} (the pre-trained W do not change with the seed); random "
+                             "initialisation "
+                             f"gives {rnd['ratio'].mean():.2f}; median cond(W) pre-trained "
+                             f"{pre['cond'].mean():.3g}, random {rnd['cond'].mean():.3g}"),
+                interval=mean_interval(pre["ratio"]), what="median dist / dist_gaussian",
+                support_if=("<=", config.support_dist_ratio), refute_if=(">=", config.refute_dist_ratio),
+                figure=f"e2_condition_numbers{_suffix(model)}", experiment=NAME),
+        ]
+    return out
