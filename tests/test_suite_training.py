@@ -427,3 +427,43 @@ def test_isolated_run_trains_in_another_process(tmp_path, monkeypatch):
     rows = run_training(store, "runs/a", config, tags={"method_name": "propulsion"}, isolate=True)
     assert set(rows["kind"]) >= {"train", "eval", "test"} and store.done("runs/a")
     assert (rows["status"] == "finished").all()
+
+
+def test_report_lists_the_toolkits_hypothesis_apart_from_the_papers_claims(tmp_path):
+    from experiments.suite.base import Verdict
+    from experiments.suite.report import ExperimentVerdicts, render_html, render_markdown
+
+    def verdict(claim, statement):
+        return Verdict(
+            claim=claim,
+            statement=statement,
+            measurement="m",
+            value=0.5,
+            threshold="t",
+            verdict="inconclusive",
+            figure=None,
+            experiment="eX",
+        )
+
+    exp = ExperimentVerdicts(
+        "eX",
+        "title",
+        "tiny",
+        {},
+        {},
+        (
+            verdict("degree_is_lr", "k acts as a learning-rate factor"),
+            verdict("higher_degree_helps", "higher k helps"),
+        ),
+        None,
+    )
+    text = render_markdown([exp], tmp_path, tmp_path)
+    claims_part, hypotheses_part = text.split("## Summary: the toolkit's hypotheses")
+    assert "| higher_degree_helps |" in claims_part and "degree_is_lr" not in claims_part
+    assert "| degree_is_lr |" in hypotheses_part
+    assert "# Hypotheses of this toolkit (not claims of the paper)" in hypotheses_part
+    assert "A higher degree k gives higher accuracy" in claims_part
+    html = render_html([exp], tmp_path, tmp_path)
+    assert html.index("Summary: the toolkit&#x27;s hypotheses") < html.index(
+        "k acts as a learning-rate factor"
+    )

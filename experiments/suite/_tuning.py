@@ -27,9 +27,38 @@ import pandas as pd
 from experiments.suite._training import METHOD_SPECS, run_training, summarise, train_config
 from experiments.suite.base import ExperimentConfig, Store
 
-__all__ = ["Candidate", "TuningSetup", "setup_from", "tune", "choose", "chosen", "grid_text", "TUNING_DIR"]
+__all__ = [
+    "Candidate",
+    "TuningSetup",
+    "setup_from",
+    "tune",
+    "choose",
+    "chosen",
+    "grid_text",
+    "grid_for",
+    "DEGREE_GRIDS",
+    "TUNING_DIR",
+]
 
 TUNING_DIR = "lr_tuning"
+# AdamW rates tried for Propulsion, per degree from the listed one up: under Adam z moves about lr
+# per step whatever k is, so z**k moves about k lr and high degrees need smaller rates.
+DEGREE_GRIDS: tuple[tuple[int, tuple[float, ...]], ...] = ((1, (1e-3, 3e-3, 1e-2)), (15, (3e-4, 1e-3, 3e-3)))
+
+
+def grid_for(grids: tuple[tuple[int, tuple[float, ...]], ...], degree: int) -> tuple[float, ...]:
+    """The grid of the largest listed degree ``<= degree`` in ``grids`` ((degree, rates) pairs).
+
+    Raises:
+        ValueError: no listed degree is ``<= degree``.
+    """
+    below = [(d, g) for d, g in grids if d <= degree]
+    if not below:
+        raise ValueError(
+            f"no learning-rate grid for degree {degree}: the grids start at degree "
+            f"{min(d for d, _ in grids)}; list a grid for degree 1"
+        )
+    return tuple(max(below)[1])
 
 
 @dataclass(frozen=True)
@@ -100,7 +129,8 @@ def tune(
 
     Columns: ``key``, ``method_name``, ``degree``, ``lr``, ``seeds``, ``best_val_accuracy``
     (mean), ``best_val_accuracy_min``, ``status`` (``finished`` or the first other status),
-    ``chosen``. A rate whose run stopped on a NaN loss scores -inf (never chosen).
+    ``chosen``. A rate whose run stopped on a NaN loss scores -inf (never chosen). A candidate
+    with a one-rate grid is not run: its rate is given (status ``given``, accuracy NaN).
 
     Raises:
         RuntimeError: every rate of some candidate diverged (widen the grid downwards).
@@ -108,6 +138,8 @@ def tune(
     store = _store(root, setup)
     rows = []
     for cand in candidates:
+        if len(cand.grid) == 1:
+            continue  # a one-rate grid is a given rate: nothing to choose, nothing to run
         for lr in cand.grid:
             for seed in setup.seeds:
                 unit = f"{cand.key}/lr={lr:g}/seed{seed}"
@@ -117,10 +149,31 @@ def tune(
                 run_training(store, unit, config, tags={"key": cand.key}, progress=progress)
                 rows.append((cand, lr, seed, unit))
     store.provenance()
-    summaries = summarise(pd.concat([store.load_table(u) for *_, u in rows], ignore_index=True))
-    summaries["lr"] = summaries["run"].map({u: lr for _, lr, _, u in rows})
-    summaries["key"] = summaries["run"].map({u: c.key for c, _, _, u in rows})
-    table = choose(summaries)
+    tables = []
+    if rows:
+        summaries = summarise(pd.concat([store.load_table(u) for *_, u in rows], ignore_index=True))
+        summaries["lr"] = summaries["run"].map({u: lr for _, lr, _, u in rows})
+        summaries["key"] = summaries["run"].map({u: c.key for c, _, _, u in rows})
+        tables.append(choose(summaries))
+    given = [c for c in candidates if len(c.grid) == 1]
+    if given:
+        tables.append(
+            pd.DataFrame(
+                [
+                    {
+                        "key": c.key,
+                        "lr": c.grid[0],
+                        "seeds": 0,
+                        "best_val_accuracy": math.nan,
+                        "best_val_accuracy_min": math.nan,
+                        "status": "given",
+                        "chosen": True,
+                    }
+                    for c in given
+                ]
+            )
+        )
+    table = pd.concat(tables, ignore_index=True)
     meta = {c.key: (c.method_name, math.nan if c.degree is None else c.degree) for c in candidates}
     table.insert(1, "method_name", table["key"].map(lambda k: meta[k][0]))
     table.insert(2, "degree", table["key"].map(lambda k: meta[k][1]))
@@ -180,7 +233,13 @@ def grid_text(table: pd.DataFrame) -> str:
     for key, group in table.groupby("key", sort=False):
         items = []
         for _, r in group.sort_values("lr").iterrows():
-            acc = "diverged" if not math.isfinite(r["best_val_accuracy"]) else f"{r['best_val_accuracy']:.3f}"
+            acc = (
+                "given, not tuned"
+                if r.get("status") == "given"
+                else "diverged"
+                if not math.isfinite(r["best_val_accuracy"])
+                else f"{r['best_val_accuracy']:.3f}"
+            )
             item = f"{r['lr']:g} ({acc})"
             items.append(f"[{item}]" if r["chosen"] else item)
         parts.append(f"{key}: {', '.join(items)}")

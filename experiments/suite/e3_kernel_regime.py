@@ -46,7 +46,7 @@ from experiments.dynamics import KernelTracker, KernelTrackerConfig
 from experiments.figures import method_color, new_figure, save_figure, style
 from experiments.linearised import LinearisedTracker
 from experiments.suite import _tuning
-from experiments.suite._training import run_training, train_config
+from experiments.suite._training import run_training, seeds_to_decide, train_config
 from experiments.suite.base import ExperimentConfig, Store, Verdict, rule_text
 from experiments.suite.stats import Interval, decide_interval, mean_interval
 
@@ -76,9 +76,9 @@ class Config(ExperimentConfig):
     )
     treatments: tuple[str, ...] = field(default=TREATMENTS, metadata={"help": "head treatments run"})
     baselines: tuple[str, ...] = field(default=("full", "lora"), metadata={"help": "calibration methods"})
-    lr_grid: tuple[float, ...] = field(
-        default=(3e-4, 1e-3, 3e-3, 1e-2),
-        metadata={"help": "AdamW rates tried for Propulsion per k (shared tuning with e9)"},
+    lr_grids: tuple[tuple[int, tuple[float, ...]], ...] = field(
+        default=_tuning.DEGREE_GRIDS,
+        metadata={"help": "AdamW rates tried for Propulsion, (from degree, rates) pairs (shared with e9)"},
     )
     baseline_grids: tuple[tuple[str, tuple[float, ...]], ...] = field(
         default=(("full", (2e-5, 5e-5, 1e-4)), ("lora", (3e-4, 1e-3, 3e-3))),
@@ -92,9 +92,8 @@ class Config(ExperimentConfig):
     batch_size: int = field(default=16, metadata={"help": "examples per step"})
     max_length: int = field(default=32, metadata={"help": "tokens per sentence at most"})
     max_examples: int | None = field(default=4000, metadata={"help": "examples kept from the data set"})
-    eval_every: int = field(
-        default=20, metadata={"help": "validation, kernel and linearisation snapshots every n"}
-    )
+    eval_every: int = field(default=20, metadata={"help": "validation every n steps"})
+    snapshot_every: int = field(default=50, metadata={"help": "kernel and linearisation snapshots every n"})
     eval_examples: int | None = field(default=256, metadata={"help": "validation examples per evaluation"})
     probe_size: int = field(default=32, metadata={"help": "validation examples in the kernel probe set"})
     support_max_distance: float = field(
@@ -126,8 +125,10 @@ class Config(ExperimentConfig):
             raise ValueError(f"baselines must be among ('full', 'lora'), got {self.baselines}")
         if [b for b in self.baselines if b not in dict(self.baseline_grids)]:
             raise ValueError("baseline_grids need a grid for every baseline")
-        if not self.seeds or not self.lr_grid:
-            raise ValueError("seeds and lr_grid must not be empty")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        for k in (*self.degrees, *self.treatment_degrees):
+            _tuning.grid_for(self.lr_grids, k)  # raises if a degree has no grid
         for low, high in (
             (self.support_max_distance, self.refute_min_distance),
             (self.support_max_drift, self.refute_min_drift),
@@ -142,8 +143,9 @@ PRESETS: dict[str, Config] = {
         degrees=(1, 3),
         treatment_degrees=(3,),
         baselines=("full",),
-        lr_grid=(1e-3, 1e-2),
+        lr_grids=((1, (1e-3, 1e-2)),),
         baseline_grids=(("full", (1e-4,)),),
+        snapshot_every=2,
         seeds=(0, 1),
         probe_steps=3,
         steps=4,
@@ -154,15 +156,25 @@ PRESETS: dict[str, Config] = {
         eval_examples=8,
         probe_size=4,
     ),
+    # quick: given rates (one-rate grids: no tuning runs), two seeds: a smoke run of the design
     "quick": Config(
-        degrees=(1, 5, 55),
+        degrees=(1, 55),
         treatments=("probe_then_z", "head_trained"),
         baselines=("full",),
+        lr_grids=((1, (3e-3,)), (15, (1e-3,))),
+        baseline_grids=(("full", (5e-5,)),),
         seeds=(0, 1),
-        steps=80,
+        steps=60,
+        probe_steps=40,
         probe_size=16,
+        snapshot_every=30,
     ),
-    "study": Config(),
+    "study": Config(
+        baselines=("full",),
+        steps=100,
+        probe_size=16,
+        snapshot_every=50,
+    ),
     "full": Config(
         device="auto",
         seeds=(0, 1, 2, 3, 4),
@@ -170,6 +182,7 @@ PRESETS: dict[str, Config] = {
         max_length=64,
         max_examples=None,
         eval_every=25,
+        snapshot_every=25,
         eval_examples=1000,
         probe_size=64,
         probe_steps=200,
@@ -204,7 +217,7 @@ def plan(config: Config) -> list[dict]:
 def candidates(config: Config) -> list[_tuning.Candidate]:
     ks = sorted(set(config.degrees) | set(config.treatment_degrees))
     grids = dict(config.baseline_grids)
-    return [_tuning.Candidate("propulsion", k, config.lr_grid) for k in ks] + [
+    return [_tuning.Candidate("propulsion", k, _tuning.grid_for(config.lr_grids, k)) for k in ks] + [
         _tuning.Candidate(b, None, grids[b]) for b in config.baselines
     ]
 
@@ -219,7 +232,8 @@ class HeadFromProbe(Callback):
     def on_start(self, state: TrainState) -> None:
         from safetensors.torch import load_file
 
-        saved = load_file(self.path)
+        buffers = {n for n, _ in state.model.named_buffers()}
+        saved = {n: v for n, v in load_file(self.path).items() if n not in buffers}  # buffers: unchanged
         params = dict(state.model.named_parameters())
         missing = [n for n in saved if n not in params]
         if missing:
@@ -268,14 +282,14 @@ def probe_config(config: Config, seed: int) -> Any:
 def callbacks(config: Config) -> list[Callback]:
     tracker = KernelTracker(
         KernelTrackerConfig(
-            every=config.eval_every,
+            every=config.snapshot_every,
             probe_size=config.probe_size,
             probe_seed=0,
             output="trace",
             jacobian="auto",
         )
     )
-    return [tracker, LinearisedTracker(config.eval_every, probe_size=config.probe_size, probe_seed=0)]
+    return [tracker, LinearisedTracker(config.snapshot_every, probe_size=config.probe_size, probe_seed=0)]
 
 
 def centred_drift(train_dir: Path) -> pd.DataFrame:
@@ -506,12 +520,31 @@ def _combine(decisions: list[str]) -> Literal["supported", "not supported", "inc
     return "supported" if all(d == "supported" for d in decisions) else "inconclusive"
 
 
+def _seeds_text(
+    final: pd.DataFrame, treatment: str, k: int, column: str, support: float, refute: float
+) -> str:
+    """What would decide an inconclusive criterion: the seeds an interval needs at this spread."""
+    sel = final[(final["treatment"] == treatment) & (final["k"] == k)][column].to_numpy(dtype=float)
+    sel = sel[np.isfinite(sel)]
+    if sel.size < 2:
+        return "; more seeds are needed for an interval"
+    mean = float(sel.mean())
+    if support < mean <= refute:
+        return (
+            f"; the mean {mean:.3g} lies between the thresholds, so no number of seeds decides "
+            "it at this training length"
+        )
+    need = seeds_to_decide(sel, support if mean <= support else refute)
+    return f"; at this spread about {need} seeds would decide"
+
+
 def verdicts(store: Store, config: Config) -> list[Verdict]:
     """Per (treatment, k): the kernel regime needs a small centred kernel distance, a small
     Jacobian drift and a small linearisation gap, each decided on its 95% interval over seeds:
     supported only if all three are, not supported if any one is."""
     rows, drift = load(store, config)
-    table = intervals(final_metrics(rows, drift))
+    final = final_metrics(rows, drift)
+    table = intervals(final)
     rules = {
         "centred_distance": (("<=", config.support_max_distance), (">", config.refute_min_distance)),
         "jacobian_drift": (("<=", config.support_max_drift), (">", config.refute_min_drift)),
@@ -534,7 +567,15 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
             iv = Interval(r[column], r[f"{column}_low"], r[f"{column}_high"], int(r[f"{column}_n"]))
             decision, why = decide_interval(iv, support_if=support, refute_if=refute)
             decisions.append(decision)
-            parts.append(f"{column.replace('_', ' ')} {decision} ({why})")
+            parts.append(
+                f"{column.replace('_', ' ')} {decision} ({why}"
+                + (
+                    _seeds_text(final, treatment, k, column, support[1], refute[1])
+                    if decision == "inconclusive"
+                    else ""
+                )
+                + ")"
+            )
         head_lr = (
             "the head trained at the same rate"
             if treatment == "head_trained"
@@ -566,7 +607,7 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
                 value=float(r["centred_distance"]),
                 threshold="; ".join(rule_text(c.replace("_", " "), *rules[c]) for c in rules)
                 + "; each on its 95% interval over seeds; supported only if all three are, not supported "
-            "if any is",
+                "if any is",
                 verdict=_combine(decisions),
                 figure="e3_drift_vs_degree",
                 experiment=NAME,

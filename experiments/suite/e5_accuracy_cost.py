@@ -64,6 +64,10 @@ PROPULSION = ("propulsion", "propulsion_reference", "propulsion_frozen_head")
 class Config(ExperimentConfig):
     model: str = field(default="minilm", metadata={"help": "model short name"})
     datasets: tuple[str, ...] = field(default=("rotten_tomatoes",), metadata={"help": "data sets"})
+    other_dataset_methods: tuple[str, ...] = field(
+        default=("full", "propulsion"),
+        metadata={"help": "the methods run on every data set after the first (the first runs all methods)"},
+    )
     methods: tuple[str, ...] = field(
         default=("full", "lora", "ia3", "bitfit", "propulsion", "propulsion_frozen_head"),
         metadata={"help": "keys of METHOD_SPECS"},
@@ -148,10 +152,19 @@ PRESETS: dict[str, Config] = {
         target_accuracy=0.5,
         isolate_runs=False,
     ),
+    # quick: given rates (one-rate grids: no tuning runs), two seeds: a smoke run of the design
     "quick": Config(
-        methods=("full", "lora", "ia3", "propulsion", "propulsion_frozen_head"), seeds=(0, 1, 2), steps=80
+        methods=("full", "lora", "propulsion", "propulsion_frozen_head"),
+        lr_grids=(
+            ("full", (5e-5,)),
+            ("lora", (1e-3,)),
+            ("propulsion", (3e-3,)),
+            ("propulsion_frozen_head", (3e-3,)),
+        ),
+        seeds=(0, 1),
+        steps=80,
     ),
-    "study": Config(datasets=("rotten_tomatoes", "imdb"), seeds=(0, 1, 2)),
+    "study": Config(datasets=("rotten_tomatoes", "imdb"), seeds=(0, 1, 2), steps=100),
     "full": Config(
         device="auto",
         datasets=("rotten_tomatoes", "imdb", "bbc_news"),
@@ -171,11 +184,18 @@ def candidate(config: Config, method_name: str) -> _tuning.Candidate:
     return _tuning.Candidate(method_name, degree, dict(config.lr_grids)[method_name])
 
 
+def methods_on(config: Config, dataset: str) -> tuple[str, ...]:
+    """Every method on the first data set; ``other_dataset_methods`` (those run) on the others."""
+    if dataset == config.datasets[0]:
+        return config.methods
+    return tuple(m for m in config.methods if m in config.other_dataset_methods)
+
+
 def plan(config: Config) -> list[dict]:
     return [
         {"unit": f"runs/{d}/{m}/seed{s}", "dataset": d, "method_name": m, "seed": s}
         for d in config.datasets
-        for m in config.methods
+        for m in methods_on(config, d)
         for s in config.seeds
     ]
 
@@ -186,13 +206,13 @@ def tuned_rates(config: Config, store: Store, *, progress: bool = False) -> dict
     for dataset in config.datasets:
         unit = f"tuning/{dataset}"
         if not store.done(unit):
-            cands = [candidate(config, m) for m in config.methods]
+            cands = [candidate(config, m) for m in methods_on(config, dataset)]
             table = _tuning.tune(
                 store.root, _tuning.setup_from(config, dataset=dataset), cands, progress=progress
             )
             store.save_table(unit, table)
         picks = _tuning.chosen(store.load_table(unit))
-        out[dataset] = {m: picks[candidate(config, m).key] for m in config.methods}
+        out[dataset] = {m: picks[candidate(config, m).key] for m in methods_on(config, dataset)}
     return out
 
 
@@ -318,7 +338,8 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
             ("step_seconds", "seconds per step"),
         )
         for i, dataset in enumerate(config.datasets):
-            frame = agg[agg["dataset"] == dataset].set_index("method_name").reindex(list(config.methods))
+            frame = agg[agg["dataset"] == dataset].set_index("method_name")
+            frame = frame.reindex(list(methods_on(config, dataset)))
             x = np.arange(len(frame))
             for ax, (column, label) in zip(axes[i], bars, strict=True):
                 ax.bar(
@@ -374,7 +395,7 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
         diff = paired(summary, dataset, "test_accuracy", "propulsion", "full")
         others = "; ".join(
             f"{m} {paired(summary, dataset, 'test_accuracy', m, 'full')}"
-            for m in config.methods
+            for m in methods_on(config, dataset)
             if m not in ("full", "propulsion")
         )
         decide = ""

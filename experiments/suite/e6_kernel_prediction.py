@@ -36,6 +36,7 @@ import torch
 
 from experiments.encoding import EncodedSplit, EncodedSplits
 from experiments.figures import method_color, new_figure, save_figure, style
+from experiments.suite import _tuning
 from experiments.suite._training import METHOD_SPECS, run_training, summarise, train_config
 from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
 from experiments.suite.stats import Interval, mean_interval
@@ -134,8 +135,10 @@ PRESETS: dict[str, Config] = {
         batch_size=2,
         eval_every=3,
     ),
+    # quick: given rates (one-rate grids: no tuning runs), two draws: a smoke run of the design
     "quick": Config(
         methods=("full", "propulsion"),
+        lr_grids=(("full", (1e-2,)), ("propulsion", (1e-1,))),
         seeds=(0, 1),
         shots=32,
         n_test=128,
@@ -281,31 +284,36 @@ def _kernel_unit(config: Config, data: EncodedSplits, method_name: str, seed: in
 def main(config: Config, store: Store, *, progress: bool = False) -> None:
     grids = dict(config.lr_grids)
     tuning = few_shot_data(config, config.tuning_seed)
-    rows = []
+    units = []
     for name in config.methods:
-        for lr in sorted(grids[name]):
+        for lr in sorted(grids[name]) if len(grids[name]) > 1 else ():  # one rate: given, not tuned
             unit = f"tuning/{name}/lr={lr:g}"
-            run_training(
-                store,
-                unit,
-                run_config(config, name, lr, config.tuning_seed),
-                data=tuning,
-                tags={"method_name": name, "peak_lr": lr},
-                progress=progress,
-            )
-            rows.append(unit)
+            cfg = run_config(config, name, lr, config.tuning_seed)
+            run_training(store, unit, cfg, data=tuning, tags={"key": name}, progress=progress)
+            units.append((unit, lr))
     if not store.done("tuning/choice"):
-        s = summarise(pd.concat([store.load_table(u) for u in rows], ignore_index=True))
-        s["score"] = np.where(s["status"] == "finished", s["best_val_accuracy"], -np.inf)
-        s = s.sort_values(["method_name", "score", "peak_lr"], ascending=[True, False, True])
-        s["chosen"] = ~s.duplicated("method_name")
-        store.save_table(
-            "tuning/choice", s[["method_name", "peak_lr", "best_val_accuracy", "status", "chosen"]]
-        )
-    choice = store.load_table("tuning/choice")
-    rates = dict(
-        zip(choice.loc[choice["chosen"], "method_name"], choice.loc[choice["chosen"], "peak_lr"], strict=True)
-    )
+        frames = []
+        if units:
+            s = summarise(pd.concat([store.load_table(u) for u, _ in units], ignore_index=True))
+            s["lr"] = s["run"].map(dict(units))
+            frames.append(_tuning.choose(s))
+        given = [m for m in config.methods if len(grids[m]) == 1]
+        if given:
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "key": given,
+                        "lr": [grids[m][0] for m in given],
+                        "seeds": 0,
+                        "best_val_accuracy": math.nan,
+                        "best_val_accuracy_min": math.nan,
+                        "status": "given",
+                        "chosen": True,
+                    }
+                )
+            )
+        store.save_table("tuning/choice", pd.concat(frames, ignore_index=True))
+    rates = _tuning.chosen(store.load_table("tuning/choice"))
     for seed in config.seeds:
         data = few_shot_data(config, seed)
         for name in config.methods:

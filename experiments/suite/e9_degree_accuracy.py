@@ -42,9 +42,9 @@ class Config(ExperimentConfig):
     paper_degree: int = field(
         default=25, metadata={"help": "the degree the paper finds best (compared with k=1)"}
     )
-    lr_grid: tuple[float, ...] = field(
-        default=(3e-4, 1e-3, 3e-3, 1e-2),
-        metadata={"help": "AdamW learning rates tried per degree (chosen on validation)"},
+    lr_grids: tuple[tuple[int, tuple[float, ...]], ...] = field(
+        default=_tuning.DEGREE_GRIDS,
+        metadata={"help": "AdamW rates tried per degree, (from degree, rates) pairs; chosen on validation"},
     )
     tuning_seeds: tuple[int, ...] = field(default=(100,), metadata={"help": "seeds of the tuning runs"})
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "evaluation seeds"})
@@ -70,15 +70,17 @@ class Config(ExperimentConfig):
                 f"degrees must be integers >= 1 including 1 and paper_degree={self.paper_degree}, "
                 f"got {self.degrees}"
             )
-        if not self.seeds or not self.lr_grid:
-            raise ValueError("seeds and lr_grid must not be empty")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        for k in self.degrees:
+            _tuning.grid_for(self.lr_grids, k)  # raises if a degree has no grid
 
 
 PRESETS: dict[str, Config] = {
     "tiny": Config(
         degrees=(1, 3),
         paper_degree=3,
-        lr_grid=(1e-3, 1e-2),
+        lr_grids=((1, (1e-3, 1e-2)),),
         seeds=(0, 1),
         steps=4,
         batch_size=4,
@@ -87,8 +89,11 @@ PRESETS: dict[str, Config] = {
         eval_every=2,
         eval_examples=8,
     ),
-    "quick": Config(degrees=(1, 5, 25), lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2), steps=80),
-    "study": Config(),
+    # quick: given rates (one-rate grids, no tuning runs), two seeds: a smoke run of the design
+    "quick": Config(
+        degrees=(1, 5, 25), lr_grids=((1, (1e-2,)), (5, (3e-3,)), (15, (1e-3,))), seeds=(0, 1), steps=80
+    ),
+    "study": Config(steps=100),
     "full": Config(
         device="auto",
         seeds=(0, 1, 2, 3, 4),
@@ -102,7 +107,7 @@ PRESETS: dict[str, Config] = {
 
 
 def candidates(config: Config) -> list[_tuning.Candidate]:
-    return [_tuning.Candidate("propulsion", k, config.lr_grid) for k in config.degrees]
+    return [_tuning.Candidate("propulsion", k, _tuning.grid_for(config.lr_grids, k)) for k in config.degrees]
 
 
 def main(config: Config, store: Store, *, progress: bool = False) -> None:
@@ -189,6 +194,7 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
                 fontsize="x-small",
             )
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(list(config.degrees), [str(k) for k in config.degrees])
         ax.set(
             xlabel="degree k", ylabel="test accuracy", title=f"{config.dataset}: accuracy at lr tuned per k"
