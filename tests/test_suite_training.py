@@ -256,13 +256,24 @@ def _e3_final(distance, drift, gap, spread=0.01):
 )
 def test_e3_verdict_needs_all_three_criteria(distance, drift, gap, expected, monkeypatch):
     e3 = get_experiment("e3")
-    config = e3.PRESETS["tiny"]
+    config = e3.PRESETS["tiny"].replace(degrees=(1, 5), baselines=("full",))
     monkeypatch.setattr(e3, "load", lambda store, cfg: (None, None))
     final = _e3_final(distance, drift, gap)
     monkeypatch.setattr(e3, "final_metrics", lambda rows, drift: final)
+    tuning = pd.DataFrame(
+        {
+            "key": ["propulsion_k1"],
+            "lr": [1e-3],
+            "best_val_accuracy": [math.nan],
+            "status": ["given"],
+            "chosen": [True],
+        }
+    )
+    monkeypatch.setattr(e3, "tuning_table", lambda store: tuning)
     verdicts = e3.verdicts(None, config)
     assert [v.verdict for v in verdicts] == [expected, expected]  # k = 1 and 5; full is calibration only
     assert all("z rate" in v.measurement and "calibration: full" in v.measurement for v in verdicts)
+    assert all("[0.001 (given, not tuned)]" in v.measurement for v in verdicts)
     assert all(v.decided_by.count("(") >= 3 for v in verdicts)
 
 
@@ -394,7 +405,7 @@ def test_train_config_reads_the_shared_fields_and_method_spec_sets_the_degree():
         method_spec("full", 3)
     with pytest.raises(ValueError, match="unknown method"):
         method_spec("adapter")
-    assert seeds_to_decide([0.01, 0.03, 0.02], 0.0) == 3 and seeds_to_decide([0.0, 0.02, -0.02], 0.0) == 0
+    assert seeds_to_decide([0.01, 0.03, 0.02], 0.0) == 4 and seeds_to_decide([0.0, 0.02, -0.02], 0.0) == 0
     assert seeds_to_decide([0.004, 0.03, -0.01], -0.02) > 3
 
 

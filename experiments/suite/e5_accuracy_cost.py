@@ -141,7 +141,7 @@ class Config(ExperimentConfig):
 PRESETS: dict[str, Config] = {
     "tiny": Config(
         methods=("full", "lora", "propulsion"),
-        lr_grids=(("full", (1e-4, 1e-3)), ("lora", (1e-3,)), ("propulsion", (1e-3, 1e-2))),
+        lr_grids=(("full", (1e-4,)), ("lora", (1e-3,)), ("propulsion", (1e-3, 1e-2))),
         seeds=(0, 1),
         steps=4,
         batch_size=4,
