@@ -478,3 +478,29 @@ def test_report_lists_the_toolkits_hypothesis_apart_from_the_papers_claims(tmp_p
     assert html.index("Summary: the toolkit&#x27;s hypotheses") < html.index(
         "k acts as a learning-rate factor"
     )
+
+
+def test_signgd_kernel_diagonal_is_the_l1_norm_of_the_gradients_and_it_predicts(tiny_bert):
+    """Sign-GD kernel (the Adam option of e6): K(x, x) = sum_c ||J_c(x)||_1, K(x, x') = <J(x), sign J(x')>;
+    too large a Jacobian is refused with the numbers."""
+    import experiments.models
+    from experiments.dynamics import jacobian, model_inputs
+    from experiments.methods import prepare
+
+    e6 = get_experiment("e6")
+    model = prepare(experiments.models.load_model("minilm", 2), "propulsion", head="train", degree=3)
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 2000, (6, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1] * 3)}
+    train = {k: v[:4] for k, v in batch.items()}
+    test = {k: v[4:] for k, v in batch.items()}
+    k_train, k_test = e6.signgd_kernels(model, train, test, max_bytes=2**30)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    j = jacobian(model, model_inputs(batch), names).double()
+    assert torch.allclose(k_train.diagonal(), j[:4].abs().sum(dim=(1, 2)))
+    assert torch.allclose(k_test[1, 2], (j[5] * torch.sign(j[2])).sum())
+    assert not torch.allclose(k_train, k_train.T)  # asymmetric in general
+    result = e6.signgd_predict(model, train, test, ridge=1e-3, max_bytes=2**30)
+    assert 0 <= result["accuracy"] <= 1 and result["n_train"] == 4 and result["n_test"] == 2
+    with pytest.raises(ValueError, match="max_jacobian_bytes"):
+        e6.signgd_kernels(model, train, test, max_bytes=10)

@@ -99,7 +99,7 @@ PRESETS: dict[str, Config] = {
         eval_examples=8,
     ),
     "quick": Config(degrees=(5,), steps=80),
-    "study": Config(degrees=(5,), seeds=(0, 1, 2), steps=100),
+    "study": Config(degrees=(5,), seeds=(0, 1, 2), steps=80),
     "full": Config(
         device="auto",
         degrees=(5, 15, 55),

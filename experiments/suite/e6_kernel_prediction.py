@@ -146,7 +146,7 @@ PRESETS: dict[str, Config] = {
         steps=60,
         eval_every=20,
     ),
-    "study": Config(),
+    "study": Config(methods=("full", "propulsion", "propulsion_frozen_head")),
     "full": Config(
         device="auto",
         methods=("full", "lora", "ia3", "bitfit", "propulsion"),
@@ -213,19 +213,17 @@ def run_config(config: Config, method_name: str, lr: float, seed: int) -> TrainC
     )
 
 
-def signgd_predict(
-    model: torch.nn.Module, train: dict, test: dict, *, ridge: float, max_bytes: int
-) -> dict[str, float]:
-    """Kernel regression with the asymmetric sign-GD kernel ``K(x, x') = sum_c <J_c(x), sign J_c(x')>``
-    of the trainable parameters: ``alpha = (K_train + ridge m I)^{-1} Y`` (a general solve; m the
-    mean diagonal), ``scores = K(test, train) alpha``. Needs the Jacobians ``(N + M, C, P)``.
+def signgd_kernels(
+    model: torch.nn.Module, train: dict, test: dict, *, max_bytes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The asymmetric sign-GD kernel ``K(x, x') = sum_c <J_c(x), sign J_c(x')>`` of the trainable
+    parameters (Malladi et al. 2023): ``K_train`` ``(N, N)`` and ``K(test, train)`` ``(M, N)``,
+    float64 on the CPU. Its diagonal is ``sum_c ||J_c(x)||_1``. Needs the Jacobians ``(N + M, C, P)``.
 
     Raises:
         ValueError: the Jacobians would exceed ``max_bytes`` (use the NTK, or fewer examples).
     """
     from experiments.dynamics import eval_mode, jacobian, logits_of, model_inputs
-    from experiments.records import accuracy, macro_f1
-    from ntk.predict import class_targets
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     p = sum(t.numel() for n, t in model.named_parameters() if n in names)
@@ -239,20 +237,36 @@ def signgd_predict(
             f"parameters = {need / 2**20:,.0f} MiB > max_jacobian_bytes={max_bytes / 2**20:,.0f} MiB; "
             "use kernel='ntk', a method with fewer trained parameters, or raise the cap"
         )
-    j_train = jacobian(model, model_inputs(train), names).double()
-    j_test = jacobian(model, model_inputs(test), names).double()
+    j_train = jacobian(model, model_inputs(train), names).double().cpu()
+    j_test = jacobian(model, model_inputs(test), names).double().cpu()
     s_train = torch.sign(j_train)
-    k_train = torch.einsum("acp,bcp->ab", j_train, s_train)
-    k_test = torch.einsum("acp,bcp->ab", j_test, s_train)
+    return torch.einsum("acp,bcp->ab", j_train, s_train), torch.einsum("acp,bcp->ab", j_test, s_train)
+
+
+def signgd_predict(
+    model: torch.nn.Module, train: dict, test: dict, *, ridge: float, max_bytes: int
+) -> dict[str, float]:
+    """Kernel regression with :func:`signgd_kernels`: ``alpha = (K_train + ridge m I)^{-1} Y`` (a
+    general solve, the kernel being asymmetric; ``m`` its mean diagonal, ``Y`` centred one-hot
+    targets), ``scores = K(test, train) alpha``; accuracy, macro-F1 and the fit on the training set."""
+    from experiments.dynamics import eval_mode, logits_of, model_inputs
+    from experiments.records import accuracy, macro_f1
+    from ntk.predict import class_targets
+
+    k_train, k_test = signgd_kernels(model, train, test, max_bytes=max_bytes)
+    n, m = k_train.shape[0], k_test.shape[0]
+    y_train, y_test = train["labels"].cpu(), test["labels"].cpu()
+    with torch.no_grad(), eval_mode(model):
+        c = int(logits_of(model(**{k: v[:1] for k, v in model_inputs(train).items()})).shape[-1])
     mean_diag = float(k_train.diagonal().mean())
-    y = class_targets(train["labels"].cpu(), c, kind="centered").double()
+    y = class_targets(y_train, c, kind="centered").double()
     alpha = torch.linalg.solve(k_train + ridge * mean_diag * torch.eye(n, dtype=k_train.dtype), y)
     predictions = (k_test @ alpha).argmax(-1)
     fit = (k_train @ alpha).argmax(-1)
     return {
-        "accuracy": accuracy(predictions, test["labels"].cpu()),
-        "macro_f1": macro_f1(predictions, test["labels"].cpu(), c),
-        "train_accuracy": accuracy(fit, train["labels"].cpu()),
+        "accuracy": accuracy(predictions, y_test),
+        "macro_f1": macro_f1(predictions, y_test, c),
+        "train_accuracy": accuracy(fit, y_train),
         "n_train": n,
         "n_test": m,
         "mean_diagonal": mean_diag,
