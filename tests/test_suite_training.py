@@ -473,7 +473,9 @@ def test_report_lists_the_toolkits_hypothesis_apart_from_the_papers_claims(tmp_p
     assert "| higher_degree_helps |" in claims_part and "degree_is_lr" not in claims_part
     assert "| degree_is_lr |" in hypotheses_part
     assert "# Hypotheses of this toolkit (not claims of the paper)" in hypotheses_part
-    assert "A higher degree k gives higher accuracy" in claims_part
+    sections = hypotheses_part.split("# Hypotheses of this toolkit (not claims of the paper)")
+    assert "A higher degree k gives higher accuracy" in sections[0]
+    assert "learning-rate factor (the toolkit's hypothesis" in sections[1]
     html = render_html([exp], tmp_path, tmp_path)
     assert html.index("Summary: the toolkit&#x27;s hypotheses") < html.index(
         "k acts as a learning-rate factor"

@@ -169,6 +169,8 @@ PRESETS: dict[str, Config] = {
         probe_size=16,
         snapshot_every=30,
     ),
+    # study: 21 tracked runs (12 probe_then_z, 3 + 3 other treatments at k = 5, 3 full) + 3 probes;
+    # rates from the tuning shared with e5/e9 (same setup: 100 steps); about 35 min on 2 cores (estimate)
     "study": Config(
         baselines=("full",),
         steps=100,
@@ -616,13 +618,16 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
                 threshold="; ".join(rule_text(c.replace("_", " "), *rules[c]) for c in rules)
                 + "; each on its 95% interval over seeds; supported only if all three are, not supported "
                 "if any is",
-                verdict=_combine(decisions),
+                verdict="inconclusive"
+                if r["diverged"] and _combine(decisions) == "supported"
+                else _combine(decisions),
                 figure="e3_drift_vs_degree",
                 experiment=NAME,
                 low=float(r["centred_distance_low"]),
                 high=float(r["centred_distance_high"]),
                 n=int(r["centred_distance_n"]),
-                decided_by="; ".join(parts),
+                decided_by="; ".join(parts)
+                + ("; a run stopped on a NaN loss, so no support is claimed" if r["diverged"] else ""),
             )
         )
     return out

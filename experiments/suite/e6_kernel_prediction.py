@@ -146,6 +146,8 @@ PRESETS: dict[str, Config] = {
         steps=60,
         eval_every=20,
     ),
+    # study: 3 methods x 3 draws (kernel regression + fine-tuning) + 9 tuning runs on 128 examples;
+    # about 10 min on 2 cores (estimate)
     "study": Config(methods=("full", "propulsion", "propulsion_frozen_head")),
     "full": Config(
         device="auto",

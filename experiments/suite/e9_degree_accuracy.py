@@ -93,6 +93,7 @@ PRESETS: dict[str, Config] = {
     "quick": Config(
         degrees=(1, 5, 25), lr_grids=((1, (1e-2,)), (5, (3e-3,)), (15, (1e-3,))), seeds=(0, 1), steps=80
     ),
+    # study: 15 runs (5 degrees x 3 seeds) at rates from the tuning shared with e3/e5; about 10 min
     "study": Config(steps=100),
     "full": Config(
         device="auto",
