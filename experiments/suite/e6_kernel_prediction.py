@@ -37,7 +37,7 @@ import torch
 from experiments.encoding import EncodedSplit, EncodedSplits
 from experiments.figures import method_color, new_figure, save_figure, style
 from experiments.suite import _tuning
-from experiments.suite._training import METHOD_SPECS, run_training, summarise, train_config
+from experiments.suite._training import METHOD_SPECS, run_training, seeds_to_decide, summarise, train_config
 from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
 from experiments.suite.stats import Interval, mean_interval
 from experiments.train import TrainConfig
@@ -456,6 +456,22 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
     learned = not math.isnan(tuned.low) and tuned.low >= config.support_min_accuracy
     if not learned:  # two near-chance predictors agreeing says nothing about kernel behaviour
         gap = Interval(gap.estimate, math.nan, math.nan, gap.n)
+        size = (
+            "; fine-tuning did not learn enough here: more shots or steps would decide"
+            if not math.isnan(tuned.low)
+            else "; more draws are needed for an interval"
+        )
+    elif gap.low <= config.support_max_gap < gap.high or gap.low <= config.refute_min_gap < gap.high:
+        gaps = prop["gap"].to_numpy(dtype=float)
+        near = config.support_max_gap if gap.estimate <= config.support_max_gap else config.refute_min_gap
+        between = config.support_max_gap < gap.estimate <= config.refute_min_gap
+        size = (
+            "; the mean gap lies between the thresholds: no number of draws decides it"
+            if between
+            else f"; at this spread about {seeds_to_decide(gaps, near)} draws would decide"
+        )
+    else:
+        size = ""
     others = "; ".join(
         f"{m}: kernel {r['kernel_accuracy']:.3f}, fine-tuned {r['finetuned_accuracy']:.3f} "
         f"(lr {r['peak_lr']:g}), gap {r['gap']:.3f} [{r['gap_low']:.3f}, {r['gap_high']:.3f}]"
@@ -477,7 +493,8 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
                 f"{'(momentum 0.9) ' if config.optimizer == 'sgd' else ''}at the rate chosen on validation, "
                 f"{config.steps} steps; {config.shots} shots per class, {config.n_test} test examples, "
                 f"{config.model} on {config.dataset}; Propulsion's fine-tuned accuracy {tuned} (the gap "
-                f"counts only if its lower bound is >= {config.support_min_accuracy:g}, else: inconclusive); "
+                f"counts only if its lower bound is >= {config.support_min_accuracy:g}, else: inconclusive)"
+                f"{size}; "
                 f"other methods: {others or 'none'}"
             ),
             interval=gap,
