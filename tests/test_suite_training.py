@@ -477,7 +477,7 @@ def test_report_lists_the_toolkits_hypothesis_apart_from_the_papers_claims(tmp_p
     assert "A higher degree k gives higher accuracy" in sections[0]
     assert "learning-rate factor (the toolkit's hypothesis" in sections[1]
     html = render_html([exp], tmp_path, tmp_path)
-    assert html.index("Summary: the toolkit&#x27;s hypotheses") < html.index(
+    assert html.index("Summary: the toolkit's hypotheses") < html.index(
         "k acts as a learning-rate factor"
     )
 
