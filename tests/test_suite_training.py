@@ -477,9 +477,7 @@ def test_report_lists_the_toolkits_hypothesis_apart_from_the_papers_claims(tmp_p
     assert "A higher degree k gives higher accuracy" in sections[0]
     assert "learning-rate factor (the toolkit's hypothesis" in sections[1]
     html = render_html([exp], tmp_path, tmp_path)
-    assert html.index("Summary: the toolkit's hypotheses") < html.index(
-        "k acts as a learning-rate factor"
-    )
+    assert html.index("Summary: the toolkit's hypotheses") < html.index("k acts as a learning-rate factor")
 
 
 def test_signgd_kernel_diagonal_is_the_l1_norm_of_the_gradients_and_it_predicts(tiny_bert):
@@ -506,3 +504,64 @@ def test_signgd_kernel_diagonal_is_the_l1_norm_of_the_gradients_and_it_predicts(
     assert 0 <= result["accuracy"] <= 1 and result["n_train"] == 4 and result["n_test"] == 2
     with pytest.raises(ValueError, match="max_jacobian_bytes"):
         e6.signgd_kernels(model, train, test, max_bytes=10)
+
+
+def test_e3_figures_draw_treatments_baselines_and_bands_from_saved_rows(monkeypatch, tmp_path):
+    """final_metrics reads the last snapshot of each run; both figures draw every treatment, the
+    calibration baseline with its band, and the centred drift per k over steps."""
+    from types import SimpleNamespace
+
+    e3 = get_experiment("e3")
+    config = e3.PRESETS["tiny"].replace(degrees=(1, 5), treatment_degrees=(5,), baselines=("full",))
+    rows, drift = [], []
+    for run in e3.plan(config):
+        k = math.nan if run["degree"] is None else run["degree"]
+        tags = {
+            "run": run["unit"],
+            "method_name": run["label"],
+            "treatment": run["treatment"],
+            "k": k,
+            "peak_lr": 1e-3,
+            "run_seed": run["seed"],
+            "status": "finished",
+        }
+        scale = 0.01 * (1 if math.isnan(k) else k) * (1 + 0.1 * run["seed"])
+        for step in (0, 2, 4):
+            rows.append({**tags, "step": step, "kind": "kernel", "jacobian_drift": scale * step})
+            rows.append(
+                {
+                    **tags,
+                    "step": step,
+                    "kind": "linearised",
+                    "gap_rel": 2 * scale * step,
+                    "accuracy_real": 0.7,
+                    "accuracy_lin": 0.6,
+                }
+            )
+            drift.append(
+                {
+                    **tags,
+                    "step": step,
+                    "centred_distance": scale * step / 4,
+                    "uncentred_distance": scale * step / 40,
+                }
+            )
+    rows, drift = pd.DataFrame(rows), pd.DataFrame(drift)
+    final = e3.final_metrics(rows, drift)
+    last = final[(final["treatment"] == "probe_then_z") & (final["k"] == 5) & (final["run_seed"] == 1)].iloc[
+        0
+    ]
+    assert last["jacobian_drift"] == pytest.approx(0.05 * 1.1 * 4) and last[
+        "centred_distance"
+    ] == pytest.approx(0.055)
+    table = e3.intervals(final)
+    assert set(table["treatment"]) == {"probe_then_z", "head_trained", "z_head", "full"}
+    assert (table["seeds"] == 2).all() and (table["jacobian_drift_low"] < table["jacobian_drift"]).all()
+    monkeypatch.setattr(e3, "load", lambda store, cfg: (rows, drift))
+    paths = e3.figures(SimpleNamespace(config=config), tmp_path)
+    assert sorted(p.name for p in paths) == [
+        "e3_drift_vs_degree.pdf",
+        "e3_drift_vs_degree.png",
+        "e3_kernel_distance_vs_steps.pdf",
+        "e3_kernel_distance_vs_steps.png",
+    ]

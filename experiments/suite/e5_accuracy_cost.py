@@ -458,7 +458,8 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
         dtype=float,
     )
     where = (
-        "CPU resident-set peak above baseline, fresh process per run"
+        "CPU resident-set peak above baseline, "
+        + ("fresh process per run" if config.isolate_runs else "all runs in one process: not comparable")
         if config.resolve_device() == "cpu"
         else "CUDA allocator peak above baseline"
     )
