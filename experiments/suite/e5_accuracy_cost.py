@@ -451,12 +451,13 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
         "peak_memory_delta_mb"
     ]
     peft = [m for m in ("lora", "ia3") if m in config.methods]
-    memory = np.asarray(
-        [sel[("propulsion", s)] / min(sel[(m, s)] for m in peft) for s in config.seeds]
-        if peft and "propulsion" in config.methods
-        else [],
-        dtype=float,
-    )
+    with np.errstate(invalid="ignore", divide="ignore"):  # a zero peak (tiny runs) gives NaN: left out
+        memory = np.asarray(
+            [sel[("propulsion", s)] / min(sel[(m, s)] for m in peft) for s in config.seeds]
+            if peft and "propulsion" in config.methods
+            else [],
+            dtype=float,
+        )
     where = (
         "CPU resident-set peak above baseline, "
         + ("fresh process per run" if config.isolate_runs else "all runs in one process: not comparable")
