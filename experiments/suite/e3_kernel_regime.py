@@ -23,8 +23,11 @@ The head is an explicit factor (three treatments, each at the same z learning ra
 - ``z_head``: the authors' choice, the head's weights frozen at their random start with a z on it.
 
 Full fine-tuning and LoRA run the same way as calibration: a criterion that they fail as badly
-says little about Propulsion. Every run's rate is tuned on validation (:mod:`._tuning`; Propulsion
-per k); every number is a mean over ``seeds`` with a 95% interval.
+says little about Propulsion. Every run's rate is chosen on validation from a small grid
+(:mod:`experiments.suite._tuning`, shared with e5 and e9 when the training setup is the same;
+Propulsion per k; a one-rate grid is a given rate, as in the quick preset); the tuning runs keep
+the model's dropout, these runs turn it off so the tracked quantities are deterministic. Every
+number is a mean over ``seeds`` with a 95% interval.
 
     propulsion-ntk run e3 --preset quick
 """
