@@ -172,10 +172,12 @@ PRESETS: dict[str, Config] = {
         probe_size=16,
         snapshot_every=30,
     ),
-    # study: 21 tracked runs (12 probe_then_z, 3 + 3 other treatments at k = 5, 3 full) + 3 probes;
-    # rates from the tuning shared with e5/e9 (same setup: 100 steps); about 35 min on 2 cores (estimate)
+    # study: 21 tracked runs (12 probe_then_z, 3 + 3 other treatments at k = 5, 3 LoRA) + 3 probes;
+    # rates from the tuning shared with e5/e9 (same setup: 100 steps); about 30 min on 2 cores
+    # (estimate). The calibration is LoRA: a tracked full fine-tuning run costs about 4x a tracked
+    # Propulsion run on a CPU (full keeps its place in the full preset).
     "study": Config(
-        baselines=("full",),
+        baselines=("lora",),
         steps=100,
         probe_size=16,
         snapshot_every=50,
