@@ -4,7 +4,9 @@ A unit is one :func:`experiments.train.train` run. Its training folder is
 ``<store>/train/<unit>`` (checkpoints there make an interrupted run resume); once it finishes,
 its rows, tagged with the run's identity, are saved as the unit's table, so figures and
 verdicts read only saved tables. :func:`summarise` turns the rows of many runs into one row
-per run.
+per run. :data:`METHOD_SPECS` names the methods the experiments compare and
+:func:`train_config` builds the :class:`TrainConfig` of one run from an experiment's config, so
+e3-e6 and e9 share one definition of a run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from experiments.records import read_json
 from experiments.suite.base import Store
 from experiments.train import TrainConfig, train
 
-__all__ = ["run_training", "summarise", "steps_to", "SUMMARY_COLUMNS"]
+__all__ = ["run_training", "summarise", "steps_to", "SUMMARY_COLUMNS", "METHOD_SPECS", "method_spec",
+           "train_config", "seeds_to_decide"]
 
 SUMMARY_COLUMNS = (
     "run",
@@ -172,3 +175,86 @@ _RECORDED = frozenset(
         "selected_by",
     }
 )
+
+# ------------------------------------------------------------------------ methods and configs ---
+# name -> (experiments.methods method, its options, head). Every experiment that fine-tunes
+# names its runs by these keys; a degree given to :func:`method_spec` replaces Propulsion's.
+METHOD_SPECS: dict[str, tuple[str, tuple[tuple[str, object], ...], str]] = {
+    "full": ("full", (), "train"),
+    "lora": ("lora", (("r", 8),), "train"),
+    "ia3": ("ia3", (), "train"),
+    "bitfit": ("bitfit", (), "train"),
+    "head": ("head", (), "train"),  # linear probe: the classification head only
+    "propulsion": ("propulsion", (("degree", 5),), "train"),
+    "propulsion_reference": ("propulsion", (("preset", "reference"), ("degree", 5)), "train"),
+    "propulsion_frozen_head": ("propulsion", (("degree", 5),), "frozen"),
+}
+
+
+def method_spec(name: str, degree: int | None = None) -> tuple[str, tuple[tuple[str, object], ...], str]:
+    """``(method, options, head)`` of :data:`METHOD_SPECS` ``[name]``, Propulsion's degree set to
+    ``degree`` when given.
+
+    Raises:
+        ValueError: unknown name, or a degree for a method without one.
+    """
+    if name not in METHOD_SPECS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHOD_SPECS)}")
+    method, options, head = METHOD_SPECS[name]
+    if degree is not None:
+        if method != "propulsion":
+            raise ValueError(f"method {name!r} has no degree (only Propulsion's do)")
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+            raise ValueError(f"degree must be an integer >= 1, got {degree!r}")
+        options = tuple((k, degree if k == "degree" else v) for k, v in options)
+    return method, options, head
+
+
+# Fields every fine-tuning experiment's config names the same way; train_config reads them.
+SHARED_FIELDS = ("model", "steps", "batch_size", "max_length", "max_examples", "eval_every", "eval_examples")
+
+
+def train_config(config: Any, *, method_name: str, lr: float, seed: int, dataset: str | None = None,
+                 degree: int | None = None, **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of one run of a suite experiment.
+
+    Reads :data:`SHARED_FIELDS` (those the config has), ``dataset`` (unless given) and the
+    device from the experiment ``config``; the method from :func:`method_spec`; the suite's
+    defaults: AdamW without weight decay, linear decay after 10% warm-up, clipping at 1.0,
+    checkpoints every ``max(eval_every, 10)`` steps, no best-parameter file. ``overrides`` replace
+    any field (``optimizer="sgd"``, ``schedule="constant"``, ``head="frozen"``, ...).
+    """
+    method, options, head = method_spec(method_name, degree)
+    values: dict[str, Any] = {f: getattr(config, f) for f in SHARED_FIELDS if hasattr(config, f)}
+    eval_every = int(values.get("eval_every", 50))
+    values.update(
+        dataset=dataset if dataset is not None else config.dataset,
+        method=method, method_options=options, head=head, optimizer="adamw", lr=float(lr),
+        weight_decay=0.0, schedule="linear", warmup_steps=int(values.get("steps", 200)) // 10,
+        clip_norm=1.0, seed=int(seed), device=config.resolve_device(),
+        checkpoint_every=max(eval_every, 10), target_accuracy=None, save_best=False,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def seeds_to_decide(values: Sequence[float] | np.ndarray, threshold: float, *, level: float = 0.95) -> int:
+    """Seeds a Student-t interval of the mean of ``values`` would need to clear ``threshold`` at
+    this mean and spread: the smallest ``n`` with ``t_{n-1} s / sqrt(n) < |mean - threshold|``
+    (``s`` the sample standard deviation). Returns 0 with fewer than two values or zero spread
+    beside a mean on the threshold (no estimate), and caps the search at 10,000."""
+    from scipy import stats
+
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if arr.size < 2:
+        return 0
+    gap, s = abs(float(arr.mean()) - threshold), float(arr.std(ddof=1))
+    if gap == 0:
+        return 0
+    if s == 0:
+        return 2
+    for n in range(2, 10_001):
+        if stats.t.ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n) < gap:
+            return n
+    return 10_000

@@ -10,9 +10,14 @@ equivalence can break as training moves z. Runs, per degree k in ``degrees``:
     adam  (k, lr)   (1, k lr)     (1, lr)          the last is the "no rescaling" control
     sgd   (k, lr)   (1, k^2 lr)   (1, lr)
 
-on the same data, seed and batch order; z-only Propulsion with the classification head frozen
-(random) and z on it too, so every trained number is a z and one learning rate governs all of
-them; no gradient clipping (clipping would act differently on the k-scaled gradients).
+on the same data, seed and batch order, repeated over ``seeds`` (paired: the three runs of a
+seed share head initialisation and batch order); z-only Propulsion with the classification head
+frozen (random) and z on it too, so every trained number is a z and one learning rate governs
+all of them; no gradient clipping (clipping would act differently on the k-scaled gradients).
+
+This is the toolkit's own hypothesis about what k does, not a claim of the paper (the paper
+claims that a higher k gives higher accuracy; experiment e9 tests that); the report lists it in
+its own section.
 
     propulsion-ntk run e4 --preset quick      # MiniLM, Rotten Tomatoes, a few minutes on a CPU
 """
@@ -27,8 +32,9 @@ import numpy as np
 import pandas as pd
 
 from experiments.figures import method_color, new_figure, save_figure, style
-from experiments.suite._training import run_training, summarise
-from experiments.suite.base import ExperimentConfig, Store, Verdict, make_verdict
+from experiments.suite._training import run_training, summarise, train_config
+from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
+from experiments.suite.stats import Interval, mean_interval
 from experiments.train import TrainConfig
 
 NAME = "e4_degree_lr"
@@ -44,6 +50,7 @@ class Config(ExperimentConfig):
     degrees: tuple[int, ...] = field(default=(5, 15), metadata={"help": "degrees k compared with k = 1"})
     adam_lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the degree-k run"})
     sgd_lr: float = field(default=0.4, metadata={"help": "SGD learning rate of the degree-k run"})
+    seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds (paired runs per seed)"})
     steps: int = field(default=100, metadata={"help": "optimiser steps per run"})
     batch_size: int = field(default=16, metadata={"help": "examples per step"})
     max_length: int = field(default=32, metadata={"help": "tokens per sentence at most"})
@@ -52,7 +59,10 @@ class Config(ExperimentConfig):
     eval_examples: int | None = field(default=256, metadata={"help": "validation examples per evaluation"})
     support_max_gap: float = field(
         default=0.02,
-        metadata={"help": "supported if |acc(k, lr) - acc(1, rescaled lr)| <= this for every run pair"},
+        metadata={
+            "help": "supported if the upper bound of the mean over seeds of the largest "
+            "|acc(k, lr) - acc(1, rescaled lr)| is <= this"
+        },
     )
     support_min_learning: float = field(
         default=0.05,
@@ -61,7 +71,7 @@ class Config(ExperimentConfig):
         },
     )
     refute_min_gap: float = field(
-        default=0.05, metadata={"help": "not supported if that gap > this for some pair"}
+        default=0.05, metadata={"help": "not supported if that interval's lower bound > this"}
     )
 
     def __post_init__(self) -> None:
@@ -71,19 +81,30 @@ class Config(ExperimentConfig):
             raise ValueError(f"degrees must be integers >= 2 (each compared with k = 1), got {self.degrees}")
         if not (self.adam_lr > 0 and self.sgd_lr > 0):
             raise ValueError(f"learning rates must be positive, got {self.adam_lr}, {self.sgd_lr}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
         if not 0 <= self.support_max_gap <= self.refute_min_gap:
             raise ValueError("need 0 <= support_max_gap <= refute_min_gap")
 
 
 PRESETS: dict[str, Config] = {
     "tiny": Config(
-        degrees=(3,), steps=4, batch_size=4, max_length=12, max_examples=60, eval_every=2, eval_examples=8
+        degrees=(3,),
+        seeds=(0, 1),
+        steps=4,
+        batch_size=4,
+        max_length=12,
+        max_examples=60,
+        eval_every=2,
+        eval_examples=8,
     ),
     "quick": Config(degrees=(5,), steps=80),
-    "study": Config(),  # placeholder until the study sizes are set (issue 13)
+    # study: 18 runs (2 optimisers x 3 roles x 3 seeds) of 80 steps; about 9 min on 2 cores (estimate)
+    "study": Config(degrees=(5,), seeds=(0, 1, 2), steps=80),
     "full": Config(
         device="auto",
         degrees=(5, 15, 55),
+        seeds=(0, 1, 2),
         steps=300,
         max_length=64,
         max_examples=None,
@@ -100,52 +121,41 @@ def plan(config: Config) -> list[dict]:
         for optimizer, lr, power in (("adamw", config.adam_lr, 1), ("sgd", config.sgd_lr, 2)):
             roles = (("degree", k, lr), ("rescaled", 1, lr * k**power), ("control", 1, lr))
             for role, degree, rate in roles:
-                runs.append(
-                    {
-                        "unit": f"runs/{optimizer}/k{k}/{role}",
-                        "optimizer": optimizer,
-                        "degree": degree,
-                        "peak_lr": rate,
-                        "role": role,
-                        "k": k,
-                        "power": power,
-                    }
-                )
+                for seed in config.seeds:
+                    runs.append(
+                        {
+                            "unit": f"runs/{optimizer}/k{k}/{role}/seed{seed}",
+                            "optimizer": optimizer,
+                            "degree": degree,
+                            "peak_lr": rate,
+                            "role": role,
+                            "k": k,
+                            "power": power,
+                            "run_seed": seed,
+                        }
+                    )
     return runs
 
 
-def train_config(config: Config, run: dict) -> TrainConfig:
-    return TrainConfig(
-        model=config.model,
-        dataset=config.dataset,
-        method="propulsion",
-        method_options=(("degree", run["degree"]),),
-        head="frozen",
-        optimizer=run["optimizer"],
+def run_config(config: Config, run: dict) -> TrainConfig:
+    return train_config(
+        config,
+        method_name="propulsion_frozen_head",
+        degree=run["degree"],
         lr=run["peak_lr"],
-        weight_decay=0.0,
+        seed=run["run_seed"],
+        optimizer=run["optimizer"],
         momentum=0.0,
         schedule="constant",
         warmup_steps=0,
-        steps=config.steps,
-        batch_size=config.batch_size,
         clip_norm=None,
-        eval_every=config.eval_every,
-        eval_examples=config.eval_examples,
-        max_length=config.max_length,
-        max_examples=config.max_examples,
-        seed=config.seed,
-        device=config.resolve_device(),
-        checkpoint_every=max(config.eval_every, 10),
-        target_accuracy=None,
-        save_best=False,
     )
 
 
 def main(config: Config, store: Store, *, progress: bool = False) -> None:
     for run in plan(config):
         tags = {k: v for k, v in run.items() if k != "unit"}
-        run_training(store, run["unit"], train_config(config, run), tags=tags, progress=progress)
+        run_training(store, run["unit"], run_config(config, run), tags=tags, progress=progress)
     store.provenance()
 
 
@@ -156,10 +166,10 @@ def _rows(store: Store, config: Config) -> pd.DataFrame:
 
 
 def pair_gaps(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per (optimizer, k): final validation accuracy of the three roles and the gaps
-    |degree - rescaled| (the claim) and |degree - control| (what no rescaling gives)."""
+    """Per (optimizer, k, seed): final validation accuracy of the three roles and the gaps
+    |degree - rescaled| (the hypothesis) and |degree - control| (what no rescaling gives)."""
     out = []
-    for (optimizer, k), group in summary.groupby(["optimizer", "k"], sort=True):
+    for (optimizer, k, seed), group in summary.groupby(["optimizer", "k", "run_seed"], sort=True):
         acc = {r["role"]: r["final_val_accuracy"] for _, r in group.iterrows()}
         gain = {r["role"]: r["best_val_accuracy"] - r["initial_val_accuracy"] for _, r in group.iterrows()}
         status = set(group["status"])
@@ -167,6 +177,7 @@ def pair_gaps(summary: pd.DataFrame) -> pd.DataFrame:
             {
                 "optimizer": optimizer,
                 "k": int(k),
+                "run_seed": int(seed),
                 **{f"acc_{r}": acc.get(r, math.nan) for r in ROLES},
                 "gap_rescaled": abs(acc.get("degree", math.nan) - acc.get("rescaled", math.nan)),
                 "gap_control": abs(acc.get("degree", math.nan) - acc.get("control", math.nan)),
@@ -201,23 +212,29 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
                 power = 1 if optimizer == "adamw" else 2
                 for role in ROLES:
                     sel = rows[(rows["optimizer"] == optimizer) & (rows["k"] == k) & (rows["role"] == role)]
-                    ev = sel[sel["kind"] == "eval"].sort_values("step")
+                    ev = sel[sel["kind"] == "eval"]
                     if ev.empty:
                         continue
+                    stats = ev.groupby("step")["accuracy"].agg(["mean", "std"]).sort_index()
                     label = {
                         "degree": f"k={k}, lr",
                         "rescaled": f"k=1, {k}{'^2' if power == 2 else ''} lr",
                         "control": "k=1, lr",
                     }[role]
+                    color = method_color("propulsion") if role != "rescaled" else method_color("linearised")
                     ax.plot(
-                        ev["step"],
-                        ev["accuracy"],
+                        stats.index,
+                        stats["mean"],
                         styles[role],
-                        color=method_color("propulsion"),
+                        color=color,
                         alpha=1.0 if role != "control" else 0.6,
                         label=label,
                         marker="o",
                         markersize=2.5,
+                    )
+                    band = stats["std"].fillna(0.0)
+                    ax.fill_between(
+                        stats.index, stats["mean"] - band, stats["mean"] + band, color=color, alpha=0.15, lw=0
                     )
                 ax.set_title(
                     f"{'AdamW' if optimizer == 'adamw' else 'SGD'}: lr = "
@@ -225,12 +242,15 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
                 )
                 ax.set_xlabel("step")
                 ax.legend(fontsize="small")
-            axes[0].set_ylabel("validation accuracy")
+            axes[0].set_ylabel(f"validation accuracy (mean, band +-1 sd, {len(config.seeds)} seeds)")
             paths += save_figure(fig, fig_dir, f"e4_degree_vs_lr_k{k}")
     return paths
 
 
 def verdicts(store: Store, config: Config) -> list[Verdict]:
+    """Per optimiser: the largest gap over k of each seed, its mean over seeds with a 95% interval;
+    the interval is void (inconclusive) when some compared run learned less than
+    ``support_min_learning`` (equal accuracies of runs that learned nothing say nothing)."""
     rows = _rows(store, config)
     summary = summarise(rows)
     initial = rows[(rows["kind"] == "eval") & (rows["step"] == 0)].set_index("run")["accuracy"]
@@ -239,26 +259,32 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
     out = []
     for optimizer, power in (("adamw", "k"), ("sgd", "k^2")):
         sel = gaps[gaps["optimizer"] == optimizer]
-        worst = float(sel["gap_rescaled"].max()) if len(sel) else math.nan
-        control = float(np.nanmax(sel["gap_control"])) if len(sel) else math.nan
+        worst = sel.groupby("run_seed")["gap_rescaled"].max().to_numpy(dtype=float)
+        control = float(np.nanmean(sel.groupby("run_seed")["gap_control"].max())) if len(sel) else math.nan
         learned = float(sel["learned"].min()) if len(sel) else math.nan
-        if not learned >= config.support_min_learning:
-            worst = math.nan  # equal accuracies of runs that learned nothing say nothing
-        ks = ", ".join(str(k) for k in sel["k"])
+        finite = worst[np.isfinite(worst)]
+        if learned >= config.support_min_learning and finite.size:
+            interval = mean_interval(finite)
+        else:
+            interval = Interval(
+                float(np.nanmean(worst)) if finite.size else math.nan, math.nan, math.nan, int(finite.size)
+            )
+        ks = ", ".join(str(k) for k in sorted(set(sel["k"])))
         out.append(
-            make_verdict(
+            make_interval_verdict(
                 claim="degree_is_lr",
                 statement=f"degree k acts as a learning-rate factor ({power} under "
-                f"{'Adam' if optimizer == 'adamw' else 'SGD'})",
+                f"{'Adam' if optimizer == 'adamw' else 'SGD'}; the toolkit's hypothesis)",
                 measurement=(
-                    f"largest |final validation accuracy of (k, lr) - of (1, {power} lr)| over k in "
-                    f"{{{ks}}}, {config.model} on {config.dataset}, {config.steps} steps, z only, "
-                    "head frozen; "
-                    f"without rescaling (1, lr) the gap is {control:.3f}; the compared runs gain at least "
-                    f"{learned:.3f} validation accuracy over step 0 (the gap counts only if >= "
-                    f"{config.support_min_learning:g}, else NaN: inconclusive)"
+                    f"per seed, the largest |final validation accuracy of (k, lr) - of (1, {power} lr)| "
+                    "over k in "
+                    f"{{{ks}}}; mean over {len(config.seeds)} seeds; {config.model} on {config.dataset}, "
+                    f"{config.steps} steps, z only, head frozen; without rescaling (1, lr) the gap is "
+                    f"{control:.3f}; the compared runs gain at least {learned:.3f} validation accuracy over "
+                    "step 0 "
+                    f"(the interval counts only if >= {config.support_min_learning:g}, else: inconclusive)"
                 ),
-                value=worst,
+                interval=interval,
                 what="gap",
                 support_if=("<=", config.support_max_gap),
                 refute_if=(">", config.refute_min_gap),

@@ -1,16 +1,24 @@
 """Experiment 6: what each method's initial kernel predicts, beside what fine-tuning reaches.
 
-If fine-tuning behaves like kernel regression with the initial NTK (the "kernel behaviour" of
-Malladi et al. 2023 that the paper leans on), a method's fine-tuned accuracy should be close to
-the accuracy of kernel regression with its own initial kernel on the same few examples. Per
-method, on one seeded few-shot training set (``shots`` per class from the training split):
+If fine-tuning behaves like kernel regression with the initial kernel (the "kernel behaviour"
+of Malladi et al. 2023 that the paper leans on), a method's fine-tuned accuracy should be close
+to the accuracy of kernel regression with its own initial kernel on the same few examples. The
+kernel must match the optimiser: plain gradient descent (SGD) follows the NTK
+``K(x, x') = <grad f(x), grad f(x')>``; Adam early in training behaves like sign gradient
+descent, whose kernel is the asymmetric ``K(x, x') = <grad f(x), sign(grad f(x'))>`` (Malladi et
+al. 2023). The default pairs SGD (momentum 0.9) with the NTK; ``optimizer="adamw",
+kernel="signgd"`` is the Adam option (it needs the per-example Jacobian, so only methods with
+few trained parameters).
 
-- kernel: ``scores = K(test, train) (K(train, train) + ridge I)^{-1} Y`` with the NTK of the
-  method's trained parameters at initialisation (trace over logits; centred one-hot targets;
-  ridge relative to the mean diagonal), see :func:`experiments.kernel_predictor.kernel_predictor_accuracy`;
-- fine-tuning: the same model prepared the same way, trained on exactly those examples
-  (AdamW, ``steps`` steps), validated on ``n_validation`` validation examples, tested on the same
-  ``n_test`` test examples as the kernel.
+Per seed (a seeded few-shot draw: ``shots`` per class from the training split; ``n_validation``
+and ``n_test`` examples of the validation and test splits) and per method:
+
+- kernel: ``scores = K(test, train) (K(train, train) + ridge I)^{-1} Y`` with the method's
+  trained parameters at initialisation (trace over logits; centred one-hot targets; ridge
+  relative to the mean diagonal);
+- fine-tuning: the same model prepared the same way, trained on exactly those examples at the
+  rate chosen on validation from a small grid (tuned once on a separate draw, ``tuning_seed``),
+  dropout off, tested on the same test examples.
 
     propulsion-ntk run e6 --preset quick
 """
@@ -28,15 +36,24 @@ import torch
 
 from experiments.encoding import EncodedSplit, EncodedSplits
 from experiments.figures import method_color, new_figure, save_figure, style
-from experiments.suite._training import run_training, summarise
-from experiments.suite.base import ExperimentConfig, Store, Verdict, make_verdict
-from experiments.suite.e5_accuracy_cost import METHOD_SPECS
+from experiments.suite import _tuning
+from experiments.suite._training import METHOD_SPECS, run_training, seeds_to_decide, summarise, train_config
+from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
+from experiments.suite.stats import Interval, mean_interval
 from experiments.train import TrainConfig
 
 NAME = "e6_kernel_prediction"
-TITLE = "Kernel prediction versus fine-tuning: kernel regression with each method's initial NTK"
+TITLE = "Kernel prediction versus fine-tuning: kernel regression with each method's initial kernel"
 CLAIMS = ("kernel_regime",)
-DEFAULT_LR = (("full", 5e-5), ("lora", 1e-3), ("ia3", 5e-3), ("bitfit", 1e-3), ("propulsion", 3e-3))
+KERNELS = ("ntk", "signgd")
+SGD_GRIDS = (
+    ("full", (3e-3, 1e-2, 3e-2)),
+    ("lora", (1e-2, 3e-2, 1e-1)),
+    ("ia3", (3e-2, 1e-1, 3e-1)),
+    ("bitfit", (1e-2, 3e-2, 1e-1)),
+    ("propulsion", (3e-2, 1e-1, 3e-1)),
+    ("propulsion_frozen_head", (3e-2, 1e-1, 3e-1)),
+)
 
 
 @dataclass(frozen=True)
@@ -44,42 +61,72 @@ class Config(ExperimentConfig):
     model: str = field(default="minilm", metadata={"help": "model short name"})
     dataset: str = field(default="rotten_tomatoes", metadata={"help": "data set"})
     methods: tuple[str, ...] = field(
-        default=("full", "lora", "ia3", "bitfit", "propulsion"),
-        metadata={"help": "keys of e5's METHOD_SPECS"},
+        default=("full", "propulsion"), metadata={"help": "keys of METHOD_SPECS"}
     )
-    learning_rates: tuple[tuple[str, float], ...] = field(
-        default=DEFAULT_LR, metadata={"help": "AdamW learning rate per method"}
+    optimizer: str = field(default="sgd", metadata={"help": "'sgd' (momentum 0.9) or 'adamw'"})
+    kernel: str = field(
+        default="ntk",
+        metadata={"help": "'ntk' (matches SGD) or 'signgd' (the asymmetric sign-GD kernel, matches Adam)"},
     )
-    shots: int = field(default=32, metadata={"help": "training examples per class"})
-    n_test: int = field(default=128, metadata={"help": "test examples (kernel and fine-tuning alike)"})
-    n_validation: int = field(default=64, metadata={"help": "validation examples (checkpoint choice)"})
+    lr_grids: tuple[tuple[str, tuple[float, ...]], ...] = field(
+        default=SGD_GRIDS,
+        metadata={"help": "rates tried per method (chosen on validation of the tuning draw)"},
+    )
+    tuning_seed: int = field(default=100, metadata={"help": "few-shot draw and seed of the tuning runs"})
+    seeds: tuple[int, ...] = field(
+        default=(0, 1, 2), metadata={"help": "few-shot draws (and training seeds)"}
+    )
+    shots: int = field(default=64, metadata={"help": "training examples per class"})
+    n_test: int = field(default=256, metadata={"help": "test examples (kernel and fine-tuning alike)"})
+    n_validation: int = field(
+        default=128, metadata={"help": "validation examples (rate and checkpoint choice)"}
+    )
     max_length: int = field(default=32, metadata={"help": "tokens per text at most"})
     ridge: float = field(default=1e-3, metadata={"help": "kernel ridge, relative to the mean diagonal"})
-    steps: int = field(default=60, metadata={"help": "fine-tuning steps on the few-shot set"})
-    batch_size: int = field(default=8, metadata={"help": "fine-tuning batch size"})
-    eval_every: int = field(default=10, metadata={"help": "validation every n steps"})
+    steps: int = field(default=100, metadata={"help": "fine-tuning steps on the few-shot set"})
+    batch_size: int = field(default=16, metadata={"help": "fine-tuning batch size"})
+    eval_every: int = field(default=20, metadata={"help": "validation every n steps"})
+    max_jacobian_bytes: int = field(default=2**30, metadata={"help": "memory cap of the sign-GD Jacobians"})
     support_max_gap: float = field(
-        default=0.03, metadata={"help": "supported if |kernel acc - fine-tuned acc| of Propulsion <= this"}
+        default=0.03,
+        metadata={
+            "help": "supported if the upper bound of |kernel acc - fine-tuned acc| of Propulsion is <= this"
+        },
     )
-    refute_min_gap: float = field(default=0.10, metadata={"help": "not supported if > this"})
-    support_min_accuracy: float = field(default=0.6, metadata={
-        "help": "the gap counts only if Propulsion's fine-tuned accuracy reaches this (else inconclusive)"})
+    refute_min_gap: float = field(default=0.10, metadata={"help": "not supported if its lower bound > this"})
+    support_min_accuracy: float = field(
+        default=0.6,
+        metadata={
+            "help": "the gap counts only if the lower bound of Propulsion's fine-tuned accuracy reaches this"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         unknown = [m for m in self.methods if m not in METHOD_SPECS]
         if not self.methods or unknown:
             raise ValueError(f"methods must be a non-empty subset of {list(METHOD_SPECS)}; unknown {unknown}")
-        missing = [m for m in self.methods if m not in dict(self.learning_rates)]
+        missing = [m for m in self.methods if m not in dict(self.lr_grids)]
         if missing:
-            raise ValueError(f"learning_rates lack {missing}")
-        if min(self.shots, self.n_test, self.n_validation) < 1 or self.ridge < 0:
-            raise ValueError("shots, n_test and n_validation must be >= 1 and ridge >= 0")
+            raise ValueError(f"lr_grids lack {missing}")
+        if self.optimizer not in ("sgd", "adamw") or self.kernel not in KERNELS:
+            raise ValueError(
+                f"optimizer must be 'sgd' or 'adamw' and kernel one of {KERNELS}, got "
+                f"{self.optimizer!r}, {self.kernel!r}"
+            )
+        if min(self.shots, self.n_test, self.n_validation) < 1 or self.ridge < 0 or not self.seeds:
+            raise ValueError("shots, n_test and n_validation must be >= 1, ridge >= 0 and seeds non-empty")
+        if self.tuning_seed in self.seeds:
+            raise ValueError(
+                f"tuning_seed {self.tuning_seed} must differ from the evaluation seeds {self.seeds}"
+            )
 
 
 PRESETS: dict[str, Config] = {
     "tiny": Config(
         methods=("full", "propulsion"),
+        lr_grids=(("full", (1e-3, 1e-2)), ("propulsion", (1e-1,))),
+        seeds=(0, 1),
         shots=3,
         n_test=6,
         n_validation=4,
@@ -88,16 +135,29 @@ PRESETS: dict[str, Config] = {
         batch_size=2,
         eval_every=3,
     ),
-    "quick": Config(),
-    "study": Config(),  # placeholder until the study sizes are set (issue 13)
+    # quick: given rates (one-rate grids: no tuning runs), two draws: a smoke run of the design
+    "quick": Config(
+        methods=("full", "propulsion"),
+        lr_grids=(("full", (1e-2,)), ("propulsion", (1e-1,))),
+        seeds=(0, 1),
+        shots=32,
+        n_test=128,
+        n_validation=64,
+        steps=60,
+        eval_every=20,
+    ),
+    # study: 3 methods x 3 draws (kernel regression + fine-tuning) + 9 tuning runs on 128 examples;
+    # about 10 min on 2 cores (estimate)
+    "study": Config(methods=("full", "propulsion", "propulsion_frozen_head")),
     "full": Config(
         device="auto",
+        methods=("full", "lora", "ia3", "bitfit", "propulsion"),
+        seeds=(0, 1, 2, 3, 4),
         shots=128,
         n_test=1000,
         n_validation=500,
         max_length=64,
         steps=300,
-        batch_size=16,
         eval_every=25,
     ),
 }
@@ -107,19 +167,17 @@ def _take(split: EncodedSplit, index: torch.Tensor) -> EncodedSplit:
     return EncodedSplit(split.input_ids[index], split.attention_mask[index], split.labels[index])
 
 
-def few_shot_data(config: Config) -> EncodedSplits:
-    """``shots`` training examples per class, and the first ``n_validation`` / ``n_test`` examples
-    of a seeded permutation of the validation / test splits (same seed: same examples)."""
+def few_shot_data(config: Config, draw: int) -> EncodedSplits:
+    """Draw ``draw``: ``shots`` training examples per class, and ``n_validation`` / ``n_test``
+    examples of seeded permutations of the validation / test splits (same draw: same examples)."""
     from experiments.data import load_dataset
     from experiments.encoding import encode_splits
     from experiments.models import load_tokenizer
 
     full = encode_splits(
-        load_dataset(config.dataset, seed=config.seed),
-        load_tokenizer(config.model),
-        max_length=config.max_length,
+        load_dataset(config.dataset, seed=0), load_tokenizer(config.model), max_length=config.max_length
     )
-    g = torch.Generator().manual_seed(config.seed + 7)
+    g = torch.Generator().manual_seed(draw + 7)
     train_index = []
     for label in range(full.num_labels):
         members = torch.nonzero(full.train.labels == label).flatten()
@@ -131,8 +189,7 @@ def few_shot_data(config: Config) -> EncodedSplits:
     train = torch.cat(train_index).sort().values
     val = torch.randperm(len(full.validation), generator=g)[: config.n_validation].sort().values
     test = torch.randperm(len(full.test), generator=g)[: config.n_test].sort().values
-    tag = f"{full.fingerprint}:{config.shots}:{config.n_validation}:{config.n_test}:{config.seed}"
-
+    tag = f"{full.fingerprint}:{config.shots}:{config.n_validation}:{config.n_test}:{draw}"
     return EncodedSplits(
         _take(full.train, train),
         _take(full.validation, val),
@@ -142,138 +199,305 @@ def few_shot_data(config: Config) -> EncodedSplits:
     )
 
 
-def train_config(config: Config, method_name: str) -> TrainConfig:
-    method, options, head = METHOD_SPECS[method_name]
-    return TrainConfig(
-        model=config.model,
-        dataset=config.dataset,
-        method=method,
-        method_options=options,
-        head=head,
-        optimizer="adamw",
-        lr=dict(config.learning_rates)[method_name],
-        weight_decay=0.0,
+def run_config(config: Config, method_name: str, lr: float, seed: int) -> TrainConfig:
+    return train_config(
+        config,
+        method_name=method_name,
+        lr=lr,
+        seed=seed,
+        optimizer=config.optimizer,
+        momentum=0.9,
         schedule="constant",
-        steps=config.steps,
-        batch_size=config.batch_size,
-        clip_norm=1.0,
-        eval_every=config.eval_every,
-        max_length=config.max_length,
-        seed=config.seed,
-        device=config.resolve_device(),
-        checkpoint_every=config.eval_every,
-        target_accuracy=None,
-        save_best=False,
+        warmup_steps=0,
+        dropout=0.0,
+        eval_examples=None,
+        max_examples=None,
     )
 
 
-def _kernel_unit(config: Config, data: EncodedSplits, method_name: str) -> pd.DataFrame:
+def signgd_kernels(
+    model: torch.nn.Module, train: dict, test: dict, *, max_bytes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The asymmetric sign-GD kernel ``K(x, x') = sum_c <J_c(x), sign J_c(x')>`` of the trainable
+    parameters (Malladi et al. 2023): ``K_train`` ``(N, N)`` and ``K(test, train)`` ``(M, N)``,
+    float64 on the CPU. Its diagonal is ``sum_c ||J_c(x)||_1``. Needs the Jacobians ``(N + M, C, P)``.
+
+    Raises:
+        ValueError: the Jacobians would exceed ``max_bytes`` (use the NTK, or fewer examples).
+    """
+    from experiments.dynamics import eval_mode, jacobian, logits_of, model_inputs
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    p = sum(t.numel() for n, t in model.named_parameters() if n in names)
+    n, m = len(train["labels"]), len(test["labels"])
+    with torch.no_grad(), eval_mode(model):
+        c = int(logits_of(model(**{k: v[:1] for k, v in model_inputs(train).items()})).shape[-1])
+    need = (n + m) * c * p * 8
+    if need > max_bytes:
+        raise ValueError(
+            f"the sign-GD kernel needs the Jacobians of {n + m} examples x {c} outputs x {p:,} "
+            f"parameters = {need / 2**20:,.0f} MiB > max_jacobian_bytes={max_bytes / 2**20:,.0f} MiB; "
+            "use kernel='ntk', a method with fewer trained parameters, or raise the cap"
+        )
+    j_train = jacobian(model, model_inputs(train), names).double().cpu()
+    j_test = jacobian(model, model_inputs(test), names).double().cpu()
+    s_train = torch.sign(j_train)
+    return torch.einsum("acp,bcp->ab", j_train, s_train), torch.einsum("acp,bcp->ab", j_test, s_train)
+
+
+def signgd_predict(
+    model: torch.nn.Module, train: dict, test: dict, *, ridge: float, max_bytes: int
+) -> dict[str, float]:
+    """Kernel regression with :func:`signgd_kernels`: ``alpha = (K_train + ridge m I)^{-1} Y`` (a
+    general solve, the kernel being asymmetric; ``m`` its mean diagonal, ``Y`` centred one-hot
+    targets), ``scores = K(test, train) alpha``; accuracy, macro-F1 and the fit on the training set."""
+    from experiments.dynamics import eval_mode, logits_of, model_inputs
+    from experiments.records import accuracy, macro_f1
+    from ntk.predict import class_targets
+
+    k_train, k_test = signgd_kernels(model, train, test, max_bytes=max_bytes)
+    n, m = k_train.shape[0], k_test.shape[0]
+    y_train, y_test = train["labels"].cpu(), test["labels"].cpu()
+    with torch.no_grad(), eval_mode(model):
+        c = int(logits_of(model(**{k: v[:1] for k, v in model_inputs(train).items()})).shape[-1])
+    mean_diag = float(k_train.diagonal().mean())
+    y = class_targets(y_train, c, kind="centered").double()
+    alpha = torch.linalg.solve(k_train + ridge * mean_diag * torch.eye(n, dtype=k_train.dtype), y)
+    predictions = (k_test @ alpha).argmax(-1)
+    fit = (k_train @ alpha).argmax(-1)
+    return {
+        "accuracy": accuracy(predictions, y_test),
+        "macro_f1": macro_f1(predictions, y_test, c),
+        "train_accuracy": accuracy(fit, y_train),
+        "n_train": n,
+        "n_test": m,
+        "mean_diagonal": mean_diag,
+    }
+
+
+def _kernel_unit(config: Config, data: EncodedSplits, method_name: str, seed: int) -> pd.DataFrame:
     from experiments.kernel_predictor import kernel_predictor_accuracy
     from experiments.methods import prepare
     from experiments.models import load_model
 
     device = config.resolve_device()
-    method, _, head = METHOD_SPECS[method_name]
-    cfg = train_config(config, method_name)
-    model = load_model(config.model, data.num_labels, device=device, seed=config.seed)
-    torch.manual_seed(config.seed)
-    model = prepare(model, method, head=head, **cfg.prepare_options()).to(device).eval()
-    result = kernel_predictor_accuracy(
-        model,
-        data.train.batch(range(len(data.train)), device),
-        data.test.batch(range(len(data.test)), device),
-        params="trainable",
-        ridge=config.ridge,
-        output="trace",
-    )
+    cfg = run_config(config, method_name, 1.0, seed)
+    model = load_model(config.model, data.num_labels, device=device, seed=seed)
+    torch.manual_seed(seed)
+    model = prepare(model, cfg.method, head=cfg.head, **cfg.prepare_options()).to(device).eval()
+    train = data.train.batch(range(len(data.train)), device)
+    test = data.test.batch(range(len(data.test)), device)
+    if config.kernel == "signgd":
+        result = signgd_predict(model, train, test, ridge=config.ridge, max_bytes=config.max_jacobian_bytes)
+    else:
+        result = kernel_predictor_accuracy(
+            model, train, test, params="trainable", ridge=config.ridge, output="trace"
+        )
     keep = {k: v for k, v in result.items() if k != "predictions"}
-    return pd.DataFrame([{"method_name": method_name, **keep}])
+    return pd.DataFrame([{"method_name": method_name, "run_seed": seed, "kernel": config.kernel, **keep}])
 
 
 def main(config: Config, store: Store, *, progress: bool = False) -> None:
-    data = few_shot_data(config)
+    grids = dict(config.lr_grids)
+    tuning = few_shot_data(config, config.tuning_seed)
+    units = []
     for name in config.methods:
-        if not store.done(f"kernel/{name}"):
-            store.save_table(f"kernel/{name}", _kernel_unit(config, data, name))
-        run_training(
-            store,
-            f"finetune/{name}",
-            train_config(config, name),
-            data=data,
-            tags={"method_name": name},
-            progress=progress,
-        )
+        for lr in sorted(grids[name]) if len(grids[name]) > 1 else ():  # one rate: given, not tuned
+            unit = f"tuning/{name}/lr={lr:g}"
+            cfg = run_config(config, name, lr, config.tuning_seed)
+            run_training(store, unit, cfg, data=tuning, tags={"key": name}, progress=progress)
+            units.append((unit, lr))
+    if not store.done("tuning/choice"):
+        frames = []
+        if units:
+            s = summarise(pd.concat([store.load_table(u) for u, _ in units], ignore_index=True))
+            s["lr"] = s["run"].map(dict(units))
+            frames.append(_tuning.choose(s))
+        given = [m for m in config.methods if len(grids[m]) == 1]
+        if given:
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "key": given,
+                        "lr": [grids[m][0] for m in given],
+                        "seeds": 0,
+                        "best_val_accuracy": math.nan,
+                        "best_val_accuracy_min": math.nan,
+                        "status": "given",
+                        "chosen": True,
+                    }
+                )
+            )
+        store.save_table("tuning/choice", pd.concat(frames, ignore_index=True))
+    rates = _tuning.chosen(store.load_table("tuning/choice"))
+    for seed in config.seeds:
+        data = few_shot_data(config, seed)
+        for name in config.methods:
+            if not store.done(f"kernel/{name}/seed{seed}"):
+                store.save_table(f"kernel/{name}/seed{seed}", _kernel_unit(config, data, name, seed))
+            run_training(
+                store,
+                f"finetune/{name}/seed{seed}",
+                run_config(config, name, rates[name], seed),
+                data=data,
+                tags={"method_name": name, "run_seed": seed, "peak_lr": rates[name]},
+                progress=progress,
+            )
     store.provenance()
 
 
 def comparison(store: Store, config: Config) -> pd.DataFrame:
-    """Per method: kernel-regression test accuracy, fine-tuned test accuracy, and their gap."""
-    store.require(*[f"{kind}/{m}" for kind in ("kernel", "finetune") for m in config.methods])
-    kernel = pd.concat([store.load_table(f"kernel/{m}") for m in config.methods], ignore_index=True)
-    tuned = summarise(
-        pd.concat([store.load_table(f"finetune/{m}") for m in config.methods], ignore_index=True)
+    """Per (method, seed): kernel-regression and fine-tuned test accuracy, and their gap."""
+    units = [
+        f"{kind}/{m}/seed{s}" for kind in ("kernel", "finetune") for m in config.methods for s in config.seeds
+    ]
+    store.require("tuning/choice", *units)
+    kernel = pd.concat(
+        [store.load_table(f"kernel/{m}/seed{s}") for m in config.methods for s in config.seeds],
+        ignore_index=True,
     )
-    table = kernel[["method_name", "accuracy", "macro_f1", "train_accuracy"]].rename(
-        columns={
-            "accuracy": "kernel_accuracy",
-            "macro_f1": "kernel_macro_f1",
-            "train_accuracy": "kernel_train_accuracy",
-        }
+    tuned = summarise(
+        pd.concat(
+            [store.load_table(f"finetune/{m}/seed{s}") for m in config.methods for s in config.seeds],
+            ignore_index=True,
+        )
+    )
+    table = kernel[["method_name", "run_seed", "accuracy", "train_accuracy"]].rename(
+        columns={"accuracy": "kernel_accuracy", "train_accuracy": "kernel_train_accuracy"}
     )
     table = table.merge(
-        tuned[["method_name", "test_accuracy", "test_macro_f1", "trainable_parameters"]], on="method_name"
-    ).rename(columns={"test_accuracy": "finetuned_accuracy", "test_macro_f1": "finetuned_macro_f1"})
+        tuned[["method_name", "run_seed", "test_accuracy", "peak_lr", "trainable_parameters"]],
+        on=["method_name", "run_seed"],
+    ).rename(columns={"test_accuracy": "finetuned_accuracy"})
     table["gap"] = (table["kernel_accuracy"] - table["finetuned_accuracy"]).abs()
     return table
 
 
+def _iv(values: pd.Series) -> Interval:
+    arr = values.to_numpy(dtype=float)
+    return mean_interval(arr) if arr.size else Interval(math.nan, math.nan, math.nan, 0)
+
+
+def summary_table(table: pd.DataFrame, methods: tuple[str, ...]) -> pd.DataFrame:
+    out = []
+    for m in methods:
+        sel = table[table["method_name"] == m]
+        row: dict = {"method_name": m, "peak_lr": float(sel["peak_lr"].iloc[0]) if len(sel) else math.nan}
+        for column in ("kernel_accuracy", "finetuned_accuracy", "gap"):
+            iv = _iv(sel[column])
+            row.update(
+                {column: iv.estimate, f"{column}_low": iv.low, f"{column}_high": iv.high, "seeds": iv.n}
+            )
+        out.append(row)
+    return pd.DataFrame(out).set_index("method_name")
+
+
 def figures(store: Store, fig_dir: Path) -> list[Path]:
+    from matplotlib.patches import Patch
+
     config = store.config
     assert isinstance(config, Config)
-    table = comparison(store, config).set_index("method_name").reindex(list(config.methods))
+    table = summary_table(comparison(store, config), config.methods)
     with style():
         fig, ax = new_figure("column", aspect=0.75)
         x = np.arange(len(table))
         colors = [method_color(m) for m in table.index]
-        ax.bar(
-            x - 0.2,
-            table["kernel_accuracy"],
-            0.4,
-            color=colors,
-            alpha=0.45,
-            label="kernel regression (init NTK)",
-        )
-        ax.bar(x + 0.2, table["finetuned_accuracy"], 0.4, color=colors, label="fine-tuned")
+        for offset, column, alpha, hatch in (
+            (-0.2, "kernel_accuracy", 0.45, "//"),
+            (0.2, "finetuned_accuracy", 1.0, None),
+        ):
+            err = np.nan_to_num(
+                np.vstack([table[column] - table[f"{column}_low"], table[f"{column}_high"] - table[column]])
+            )
+            ax.bar(
+                x + offset,
+                table[column],
+                0.4,
+                yerr=err,
+                color=colors,
+                alpha=alpha,
+                hatch=hatch,
+                capsize=2,
+                edgecolor="white",
+            )
         ax.set_xticks(x, table.index, rotation=30, ha="right")
         ax.set(
             ylabel="test accuracy",
             ylim=(0, 1),
-            title=f"{config.shots} shots per class, {config.n_test} test examples",
+            title=f"{config.shots} shots/class, {config.n_test} test, mean and 95% interval over "
+            f"{len(config.seeds)} draws",
         )
+        ax.title.set_fontsize("x-small")
         ax.axhline(1 / 2, color="grey", lw=0.7, ls=":")
-        ax.legend(fontsize="x-small")
+        kernel_name = "NTK" if config.kernel == "ntk" else "sign-GD kernel"
+        ax.legend(
+            handles=[
+                Patch(
+                    facecolor="grey",
+                    alpha=0.45,
+                    hatch="//",
+                    edgecolor="white",
+                    label=f"kernel regression (initial {kernel_name}), left",
+                ),
+                Patch(facecolor="grey", label=f"fine-tuned ({config.optimizer}), right"),
+            ],
+            fontsize="x-small",
+            title="bar colour: method",
+            title_fontsize="x-small",
+        )
         return save_figure(fig, fig_dir, "e6_kernel_vs_finetuned")
 
 
 def verdicts(store: Store, config: Config) -> list[Verdict]:
-    table = comparison(store, config).set_index("method_name")
-    gap = float(table.loc["propulsion", "gap"]) if "propulsion" in table.index else math.nan
-    tuned = float(table.loc["propulsion", "finetuned_accuracy"]) if "propulsion" in table.index else math.nan
-    learned = tuned >= config.support_min_accuracy
-    if not learned:
-        gap = math.nan  # two near-chance predictors agreeing says nothing about kernel behaviour
-    others = ", ".join(f"{m} {table.loc[m, 'gap']:.3f}" for m in table.index if m != "propulsion")
+    raw = comparison(store, config)
+    table = summary_table(raw, config.methods)
+    prop = raw[raw["method_name"] == "propulsion"]
+    gap, tuned = _iv(prop["gap"]), _iv(prop["finetuned_accuracy"])
+    learned = not math.isnan(tuned.low) and tuned.low >= config.support_min_accuracy
+    if not learned:  # two near-chance predictors agreeing says nothing about kernel behaviour
+        gap = Interval(gap.estimate, math.nan, math.nan, gap.n)
+        size = (
+            "; fine-tuning did not learn enough here: more shots or steps would decide"
+            if not math.isnan(tuned.low)
+            else "; more draws are needed for an interval"
+        )
+    elif gap.low <= config.support_max_gap < gap.high or gap.low <= config.refute_min_gap < gap.high:
+        gaps = prop["gap"].to_numpy(dtype=float)
+        near = config.support_max_gap if gap.estimate <= config.support_max_gap else config.refute_min_gap
+        between = config.support_max_gap < gap.estimate <= config.refute_min_gap
+        size = (
+            "; the mean gap lies between the thresholds: no number of draws decides it"
+            if between
+            else f"; at this spread about {seeds_to_decide(gaps, near)} draws would decide"
+        )
+    else:
+        size = ""
+    others = "; ".join(
+        f"{m}: kernel {r['kernel_accuracy']:.3f}, fine-tuned {r['finetuned_accuracy']:.3f} "
+        f"(lr {r['peak_lr']:g}), gap {r['gap']:.3f} [{r['gap_low']:.3f}, {r['gap_high']:.3f}]"
+        for m, r in table.iterrows()
+        if m != "propulsion"
+    )
+    kernel_name = (
+        "NTK (matches SGD)"
+        if config.kernel == "ntk"
+        else "asymmetric sign-GD kernel (matches Adam, Malladi et al. 2023)"
+    )
     return [
-        make_verdict(
+        make_interval_verdict(
             claim="kernel_regime",
-            statement="Propulsion fine-tuning behaves like kernel regression with its initial NTK",
+            statement="Propulsion fine-tuning behaves like kernel regression with its initial kernel",
             measurement=(
-                f"|kernel-regression accuracy - fine-tuned accuracy| of Propulsion (k=5), {config.shots} "
-                f"shots per class, {config.n_test} test examples, {config.model} on {config.dataset}; "
-                f"other methods: {others}; Propulsion's fine-tuned accuracy {tuned:.3f} (the gap counts "
-                f"only if >= {config.support_min_accuracy:g}, else NaN: inconclusive)"
+                f"|kernel-regression accuracy - fine-tuned accuracy| of Propulsion (k=5), mean over "
+                f"{len(config.seeds)} few-shot draws; kernel: {kernel_name}; fine-tuning: {config.optimizer} "
+                f"{'(momentum 0.9) ' if config.optimizer == 'sgd' else ''}at the rate chosen on validation, "
+                f"{config.steps} steps; {config.shots} shots per class, {config.n_test} test examples, "
+                f"{config.model} on {config.dataset}; Propulsion's fine-tuned accuracy {tuned} (the gap "
+                f"counts only if its lower bound is >= {config.support_min_accuracy:g}, else: inconclusive)"
+                f"{size}; "
+                f"other methods: {others or 'none'}"
             ),
-            value=gap,
+            interval=gap,
             what="accuracy gap",
             support_if=("<=", config.support_max_gap),
             refute_if=(">", config.refute_min_gap),

@@ -16,18 +16,24 @@ from pathlib import Path
 from experiments.records import atomic_path
 from experiments.suite.base import MissingResultError, Verdict
 
-__all__ = ["CLAIM_TITLES", "ExperimentVerdicts", "collect", "render_markdown", "render_html", "write_report"]
+__all__ = ["CLAIM_TITLES", "HYPOTHESIS_TITLES", "ExperimentVerdicts", "collect", "render_markdown",
+           "render_html", "write_report"]
 
 # Claims in the order the paper makes them; unknown keys follow in alphabetical order.
 CLAIM_TITLES: dict[str, str] = {
     "ntk_approximation": "Propulsion approximates the NTK of full fine-tuning (Theorem 1)",
     "theorem_premise": "The premise of Theorem 1 (JL: W^T W close to a scaled identity)",
     "kernel_regime": "Training stays in the kernel regime",
-    "degree_is_lr": "The degree k acts as a learning-rate knob",
     "accuracy": "Accuracy comparable to full fine-tuning",
+    "higher_degree_helps": "A higher degree k gives higher accuracy (best SST-2 at k = 25)",
     "convergence": "Fast convergence",
     "memory": "Lower memory than other PEFT methods",
     "parameter_count": "About 0.1% of the parameters are trained",
+}
+# The toolkit's own hypotheses: tested and reported in their own section, never as the paper's claims.
+HYPOTHESIS_TITLES: dict[str, str] = {
+    "degree_is_lr": "The degree k acts as a learning-rate factor (the toolkit's hypothesis, not the "
+                    "paper's claim)",
 }
 
 
@@ -88,13 +94,25 @@ def collect(results_dir: str | Path) -> list[ExperimentVerdicts]:
 Row = tuple[ExperimentVerdicts, Verdict]
 
 
-def _claims(experiments: list[ExperimentVerdicts]) -> list[tuple[str, list[Row]]]:
+def _claims(experiments: list[ExperimentVerdicts], *,
+            hypotheses: bool = False) -> list[tuple[str, list[Row]]]:
+    """The paper's claims (default) or the toolkit's hypotheses, each with its verdict rows."""
     by_claim: dict[str, list[Row]] = {}
     for exp in experiments:
         for v in exp.verdicts:
-            by_claim.setdefault(v.claim, []).append((exp, v))
-    order = [c for c in CLAIM_TITLES if c in by_claim] + sorted(set(by_claim) - set(CLAIM_TITLES))
+            if (v.claim in HYPOTHESIS_TITLES) == hypotheses:
+                by_claim.setdefault(v.claim, []).append((exp, v))
+    titles = HYPOTHESIS_TITLES if hypotheses else CLAIM_TITLES
+    order = [c for c in titles if c in by_claim] + sorted(set(by_claim) - set(titles))
     return [(c, by_claim[c]) for c in order]
+
+
+def _title(claim: str) -> str:
+    return HYPOTHESIS_TITLES.get(claim, CLAIM_TITLES.get(claim, claim))
+
+
+_HYPOTHESES_NOTE = ("What the toolkit itself predicts about how Propulsion works; tested like the claims, "
+                    "but not a claim of the paper.")
 
 
 def _setup(exp: ExperimentVerdicts) -> str:
@@ -125,13 +143,23 @@ def render_markdown(experiments: list[ExperimentVerdicts], fig_dir: Path, out_di
              "follows from the measured value and the rule stated beside it (thresholds live in the "
              "experiment's config).", "", "## Summary", "",
              "| claim | statement | value | verdict | experiment |", "|---|---|---|---|---|"]
-    claims = _claims(experiments)
+    claims, hypotheses = _claims(experiments), _claims(experiments, hypotheses=True)
+    hypothesis_table = ["", "## Summary: the toolkit's hypotheses", "", _HYPOTHESES_NOTE, "",
+                        "| hypothesis | statement | value | verdict | experiment |", "|---|---|---|---|---|"]
+    for group, intro in ((claims, []), (hypotheses, hypothesis_table)):
+        if group:
+            lines += intro
+        for claim, rows in group:
+            for exp, v in rows:
+                statement = v.statement.replace("|", "\\|")
+                lines.append(f"| {claim} | {statement} | {v.value_text} | **{v.verdict}** | {exp.name} |")
+    if hypotheses:
+        claims = [*claims, ("", []), *hypotheses]
     for claim, rows in claims:
-        for exp, v in rows:
-            statement = v.statement.replace("|", "\\|")
-            lines.append(f"| {claim} | {statement} | {v.value_text} | **{v.verdict}** | {exp.name} |")
-    for claim, rows in claims:
-        lines += ["", f"## {CLAIM_TITLES.get(claim, claim)} (`{claim}`)"]
+        if not claim:
+            lines += ["", "# Hypotheses of this toolkit (not claims of the paper)", "", _HYPOTHESES_NOTE]
+            continue
+        lines += ["", f"## {_title(claim)} (`{claim}`)"]
         for exp, v in rows:
             link, exists = _figure_link(v.figure, fig_dir, out_dir)
             lines += ["", f"**{v.statement}** Verdict: **{v.verdict}**", "",
@@ -170,14 +198,26 @@ def render_html(experiments: list[ExperimentVerdicts], fig_dir: Path, out_dir: P
              "Each verdict follows from the measured value and the rule stated beside it.</p>",
              "<h2>Summary</h2>", "<table><tr><th>claim</th><th>statement</th><th>value</th><th>verdict</th>"
              "<th>experiment</th></tr>"]
-    claims = _claims(experiments)
-    for claim, rows in claims:
-        for exp, v in rows:
-            parts.append(f"<tr><td>{e(claim)}</td><td>{e(v.statement)}</td><td>{e(v.value_text)}</td>"
-                         f"<td>{badge(v)}</td><td>{e(exp.name)}</td></tr>")
+    claims, hypotheses = _claims(experiments), _claims(experiments, hypotheses=True)
+    for i, group in enumerate((claims, hypotheses)):
+        if i and group:
+            parts += ["</table>", "<h2>Summary: the toolkit's hypotheses</h2>",
+                      f"<p>{e(_HYPOTHESES_NOTE)}</p>",
+                      "<table><tr><th>hypothesis</th><th>statement</th><th>value</th><th>verdict</th>"
+                      "<th>experiment</th></tr>"]
+        for claim, rows in group:
+            for exp, v in rows:
+                parts.append(f"<tr><td>{e(claim)}</td><td>{e(v.statement)}</td><td>{e(v.value_text)}</td>"
+                             f"<td>{badge(v)}</td><td>{e(exp.name)}</td></tr>")
     parts.append("</table>")
+    if hypotheses:
+        claims = [*claims, ("", []), *hypotheses]
     for claim, rows in claims:
-        parts.append(f"<h2>{e(CLAIM_TITLES.get(claim, claim))} (<code>{e(claim)}</code>)</h2>")
+        if not claim:
+            parts += ["<h1>Hypotheses of this toolkit (not claims of the paper)</h1>",
+                      f"<p>{e(_HYPOTHESES_NOTE)}</p>"]
+            continue
+        parts.append(f"<h2>{e(_title(claim))} (<code>{e(claim)}</code>)</h2>")
         for exp, v in rows:
             link, exists = _figure_link(v.figure, fig_dir, out_dir)
             parts += [f"<p><b>{e(v.statement)}</b> Verdict: {badge(v)}</p><ul>",
