@@ -47,7 +47,7 @@ def test_demo_config_rejects_bad_values(bad):
 def test_list_shows_experiments_claims_and_presets(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "e7_parameter_counts" in out and "parameter_count" in out and "tiny, quick, full" in out
+    assert "e7_parameter_counts" in out and "parameter_count" in out and "tiny, quick, study, full" in out
 
 
 def test_run_figures_report_on_the_tiny_preset(tmp_path, capsys):

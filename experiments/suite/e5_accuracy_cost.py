@@ -66,7 +66,8 @@ class Config(ExperimentConfig):
     datasets: tuple[str, ...] = field(default=("rotten_tomatoes",), metadata={"help": "data sets"})
     other_dataset_methods: tuple[str, ...] = field(
         default=("full", "propulsion"),
-        metadata={"help": "the methods run on every data set after the first (the first runs all methods)"},
+        metadata={"may_be_empty": True,
+                  "help": "the methods run on every data set after the first (the first runs all methods)"},
     )
     methods: tuple[str, ...] = field(
         default=("full", "lora", "ia3", "bitfit", "propulsion", "propulsion_frozen_head"),
