@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import git_commit, write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 JSON = RESULTS / "ntk_scaling.json"
@@ -86,12 +88,6 @@ def run_one(n: int) -> dict:
     return json.loads(lines[-1])
 
 
-def _write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def _load() -> dict:
     if JSON.exists():
         return json.loads(JSON.read_text())
@@ -101,11 +97,7 @@ def _load() -> dict:
 def _meta() -> dict:
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "git_commit": commit, "machine": platform.platform(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "dtype": "float32", "output": "trace", "params": "all",
@@ -227,10 +219,10 @@ def main(sizes: list[int], force: bool) -> None:
             continue
         result["runs"][str(n)] = run_one(n)
         print(json.dumps(result["runs"][str(n)]), flush=True)
-        _write(JSON, json.dumps(result, indent=2) + "\n")
-        _write(RESULTS / "ntk_scaling.md", table(result))
+        write_atomic(JSON, json.dumps(result, indent=2) + "\n")
+        write_atomic(RESULTS / "ntk_scaling.md", table(result))
         plot(result)
-    _write(RESULTS / "ntk_scaling.md", table(result))
+    write_atomic(RESULTS / "ntk_scaling.md", table(result))
     plot(result)
 
 
@@ -248,7 +240,7 @@ if __name__ == "__main__":
         print(json.dumps(out))
     elif args.plot_only:
         res = _load()
-        _write(RESULTS / "ntk_scaling.md", table(res))
+        write_atomic(RESULTS / "ntk_scaling.md", table(res))
         plot(res)
     else:
         main(args.n, args.force)

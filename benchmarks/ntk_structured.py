@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import git_commit, write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 N_MLP, N_MINILM, N_PROP, T = 256, 32, 256, 32
@@ -219,20 +221,6 @@ def run_one(name: str) -> dict:
     return json.loads(lines[-1])
 
 
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(max_n: int, names: list[str] | None = None) -> dict:
     import torch
     import transformers
@@ -249,7 +237,7 @@ def main(max_n: int, names: list[str] | None = None) -> dict:
         print(json.dumps(runs[name]), flush=True)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": _git(), "machine": platform.platform(), "cpus": os.cpu_count(),
+        "git_commit": git_commit(), "machine": platform.platform(), "cpus": os.cpu_count(),
         "processor": platform.processor(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "device": "cpu", "dtype": "float32", "torch_threads": THREADS,
@@ -257,8 +245,8 @@ def main(max_n: int, names: list[str] | None = None) -> dict:
     }
     result = {"meta": meta, "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _write(RESULTS / "ntk_structured.json", json.dumps(result, indent=2) + "\n")
-    _write(RESULTS / "ntk_structured.md", _table(result))
+    write_atomic(RESULTS / "ntk_structured.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(RESULTS / "ntk_structured.md", _table(result))
     return result
 
 
@@ -324,7 +312,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.md_only:
-        _write(RESULTS / "ntk_structured.md", _table(json.loads((RESULTS / "ntk_structured.json")
+        write_atomic(RESULTS / "ntk_structured.md", _table(json.loads((RESULTS / "ntk_structured.json")
                                                                 .read_text())))
     elif args.one:
         out = measure(args.one)
