@@ -24,6 +24,7 @@ Results: ``benchmarks/results/ntk_scaling.{json,md,png,pdf}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -56,7 +57,7 @@ def measure(n: int) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from ntk_structured import _minilm
 
-    import ntk._structured as engine
+    from ntk._structured import structured_kernels
     from ntk.kernels import structured_ntk
 
     torch.set_num_threads(THREADS)
@@ -64,12 +65,13 @@ def measure(n: int) -> dict:
     warm = {k: v[:2] for k, v in x.items()}
     structured_ntk(model, warm, params="all", output="trace", dtype=torch.float32)
     start, cpu = time.perf_counter(), time.process_time()
-    k = structured_ntk(model, x, params="all", output="trace", dtype=torch.float32,
-                       memory_budget=BUDGET)
+    result, timings = structured_kernels(model, x, None, {"k": "all"}, output="trace",
+                                         dtype=torch.float32, memory_budget=BUDGET)
+    k = result["k"]
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert isinstance(k, torch.Tensor) and k.shape == (n, n) and bool(torch.isfinite(k).all())
     asym = float((k - k.T).abs().max() / k.abs().max())
-    return {"n": n, "seconds": seconds, "cpu_seconds": cpu, "stats": dict(engine.LAST_STATS),
+    return {"n": n, "seconds": seconds, "cpu_seconds": cpu, "stats": dataclasses.asdict(timings),
             "asymmetry": asym, "diag_mean": float(k.diagonal().mean())}
 
 

@@ -19,6 +19,7 @@ Results: ``benchmarks/results/ntk_structured.{json,md}`` (written atomically).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -119,11 +120,18 @@ def measure(name: str) -> dict:
     """Run one measurement in this process; returns seconds and what was computed."""
     import torch
 
+    from ntk._structured import structured_kernels
     from ntk.empirical import empirical_ntk
-    from ntk.kernels import kernels, structured_ntk
 
     torch.set_num_threads(THREADS)
     f32 = torch.float32
+    timings = []
+
+    def engine(params: dict, output: str, **kw) -> dict:
+        result, t = structured_kernels(model, x, None, params, output=output, dtype=f32, **kw)
+        timings.append(t)
+        return result
+
     kind, _, arg = name.partition(":")
     if kind.startswith("mlp"):
         model, x = _mlp()
@@ -138,11 +146,11 @@ def measure(name: str) -> dict:
     warmup = _warm_up(kind, model, x)
     start, cpu = time.perf_counter(), time.process_time()
     if kind == "mlp_structured":
-        k = structured_ntk(model, x, params="all", output="full", dtype=f32)
+        k = engine({"k": "all"}, "full")["k"]
     elif kind == "mlp_jacobian":
         k = empirical_ntk(model, x, params="all", output="full", dtype=f32, method="jacobian")
     elif kind == "minilm_structured":
-        k = structured_ntk(model, x, params="all", output="full", dtype=f32)
+        k = engine({"k": "all"}, "full")["k"]
     elif kind == "minilm_jacobian":
         k = empirical_ntk(model, x, params="all", output="full", dtype=f32, method="jacobian")
     elif kind == "floor":  # one forward and the C-output backward to every layer output
@@ -157,23 +165,18 @@ def measure(name: str) -> dict:
             torch.autograd.grad(out, h["e"], cot, is_grads_batched=True)
         k = out
     elif kind == "prop_structured":
-        k = structured_ntk(model, x, params="propulsion", output="full", dtype=f32)
+        k = engine({"k": "propulsion"}, "full")["k"]
     elif kind == "prop_full":
-        k = structured_ntk(model, x, params="all", output="full", dtype=f32)
+        k = engine({"k": "all"}, "full")["k"]
     elif kind == "both_structured":
-        k = kernels(model, x, params={"full": "all", "propulsion": "propulsion"},
-                    output="full", dtype=f32)["full"]
+        k = engine({"full": "all", "propulsion": "propulsion"}, "full")["full"]
     elif kind == "scale_structured":
-        k = structured_ntk(model, x, params="all", output="trace", dtype=f32,
-                           memory_budget=6 * 2**30)
+        k = engine({"k": "all"}, "trace", memory_budget=6 * 2**30)["k"]
     else:
         raise ValueError(name)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert isinstance(k, torch.Tensor) and bool(torch.isfinite(k).all())
-    import ntk._structured as engine
-
-    uses_engine = kind.endswith("structured") or kind == "prop_full"
-    stats = dict(engine.LAST_STATS) if uses_engine else {}
+    stats = dataclasses.asdict(timings[-1]) if timings else {}
     return {"name": name, "seconds": seconds, "cpu_seconds": cpu, "warmup_seconds": warmup,
             "shape": list(k.shape),
             "stats": stats,

@@ -11,7 +11,7 @@ kernel predictors.
 """
 
 from ntk import metrics, predict, tiles
-from ntk._handlers import StructuredError, register_handler
+from ntk._handlers import Handler, StructuredError, register_handler
 from ntk._inputs import InputError
 from ntk._memory import KernelTooLargeError, default_budget
 from ntk._params import SELECTORS, ParameterSelectionError, select_parameters
@@ -27,6 +27,8 @@ __all__ = [
     "empirical_ntk",
     "kernels",
     "structured_ntk",
+    # per-layer handlers of the structured engine
+    "Handler",
     "register_handler",
     # metrics and kernel predictors (modules)
     "metrics",

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ntk import _jacobian, _ntk_vp
+from ntk._handlers.base import CHUNK_ELEMENTS
 
 __all__ = [
     "CPU_FRACTION",
@@ -38,9 +39,11 @@ __all__ = [
     "KernelTooLargeError",
     "Plan",
     "Profile",
+    "StructuredTiles",
     "default_budget",
     "plan",
     "profile",
+    "structured_tiles",
     "tile_pairs",
 ]
 
@@ -293,3 +296,50 @@ def plan(
             "is there."
         )
     return best
+
+
+# -- the structured engine ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StructuredTiles:
+    """The structured engine's tiling: ``tile`` examples per tile; ``keep_all``: the features
+    of every tile stay in memory (otherwise tiles are re-captured when needed)."""
+
+    tile: int
+    keep_all: bool
+
+
+def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: str,
+                     acc_bytes: int, n_blocks: int, budget: float, symmetric: bool,
+                     max_tile: int | None) -> StructuredTiles:
+    """Tile size of the structured engine from the measured feature bytes per example.
+
+    Per example of a tile: its features ``features_pe`` and about as much again for the
+    capture's graph. The kernels take ``n1 n2 q acc_bytes (n_blocks + 1)`` bytes (``q`` = C^2,
+    C or 1 by layout); contraction intermediates are chunked to :data:`CHUNK_ELEMENTS` entries
+    (three such chunks). Two tiles take half the room left; all tiles' features are kept when
+    they fit in the other half.
+
+    Raises:
+        KernelTooLargeError: even one example per tile does not fit the budget.
+    """
+    per_example = 2 * features_pe
+    q = {"full": n_out * n_out, "diagonal": n_out, "trace": 1}[layout]
+    kernel_bytes = n1 * n2 * q * acc_bytes * (n_blocks + 1)
+    work = CHUNK_ELEMENTS * acc_bytes * 3
+    room = budget - kernel_bytes - work
+    if room < 2 * per_example:
+        raise KernelTooLargeError(
+            f"structured kernels: even one example per tile needs about "
+            f"{(kernel_bytes + work + 2 * per_example) / GiB:.3g} GiB (kernel "
+            f"{kernel_bytes / GiB:.3g} GiB, captures {per_example / GiB:.3g} GiB per example,"
+            f" contraction chunks {work / GiB:.3g} GiB), over the memory budget of "
+            f"{budget / GiB:.3g} GiB. Select fewer parameters, ask for output='trace', use "
+            "fewer examples, or raise memory_budget."
+        )
+    tile = max(1, min(max(n1, n2), int(room // (4 * per_example))))  # half the room
+    if max_tile is not None:
+        tile = min(tile, max_tile)
+    keep_all = features_pe * (n1 + (0 if symmetric else n2)) <= room / 2
+    return StructuredTiles(tile, keep_all)

@@ -29,9 +29,10 @@ result unchanged when the output is broadcast against the batch, and makes the b
 per-example. Modules whose inputs carry no batch dimension at all raise
 :class:`ntk._handlers.StructuredError`.
 
-Memory: a probe tile measures the bytes of features per example; tiles are sized so that two
-tiles' features and the contraction chunks fit the budget, features of all tiles are kept when
-they fit in half the budget, otherwise tiles are re-captured when needed.
+Memory: a probe tile measures the bytes of features per example; tiles are sized by
+:func:`ntk._memory.structured_tiles` so that two tiles' features and the contraction chunks
+fit the budget; features of all tiles are kept when they fit in half the budget, otherwise
+tiles are re-captured when needed.
 """
 
 from __future__ import annotations
@@ -48,17 +49,16 @@ import torch
 from torch import nn
 
 from ntk._handlers import (
-    CHUNK_ELEMENTS,
     FALLBACK,
     STRATEGIES,
     Call,
     Handler,
     StructuredError,
-    _batched_vjp,
+    batched_vjp,
     handler_for,
 )
 from ntk._inputs import Inputs, call_model, example_counts, take, to_device
-from ntk._memory import KernelTooLargeError, default_budget, tile_pairs
+from ntk._memory import default_budget, structured_tiles, tile_pairs
 from ntk._params import ParamSelector, select_parameters
 from ntk._problem import (
     OUTPUTS,
@@ -69,15 +69,32 @@ from ntk._problem import (
     transpose_block,
 )
 
-__all__ = ["Assignment", "assign", "capture", "structured_kernels"]
+__all__ = ["Assignment", "Timings", "assign", "capture", "structured_kernels"]
 
-GiB = 2**30
 PROBE_EXAMPLES = 4
-LAST_STATS: dict[str, Any] = {}
-"""Timings of the last :func:`structured_kernels` call (for benchmarks): ``tile``,
-``tile_pairs``, ``captures`` (forward and backward passes over a tile), ``keep_all``,
-``setup_seconds`` (probe), ``capture_seconds`` (captures and features), ``contract_seconds``,
-and the process CPU seconds of the last two (``capture_cpu_seconds``, ``contract_cpu_seconds``)."""
+
+
+@dataclass(frozen=True)
+class Timings:
+    """How a :func:`structured_kernels` call went (for benchmarks).
+
+    Attributes:
+        tile: examples per tile; tile_pairs: pairs contracted; captures: forward and backward
+            passes over a tile; keep_all: every tile's features were kept in memory.
+        setup_seconds: the probe (modes, memory plan); capture_seconds: captures and features;
+        contract_seconds: pairwise contractions; capture_cpu_seconds, contract_cpu_seconds:
+            the process CPU seconds of the last two.
+    """
+
+    tile: int
+    tile_pairs: int
+    captures: int
+    keep_all: bool
+    setup_seconds: float
+    capture_seconds: float
+    contract_seconds: float
+    capture_cpu_seconds: float
+    contract_cpu_seconds: float
 
 
 @dataclass(frozen=True)
@@ -246,7 +263,7 @@ def capture(
             if f.requires_grad and targets:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    grads = _batched_vjp(f, [c.output for c in targets], cot)
+                    grads = batched_vjp(f, [c.output for c in targets], cot)
             else:
                 grads = [torch.zeros(n_out, *c.output.shape, dtype=c.output.dtype,
                                      device=c.output.device) for c in targets]
@@ -419,8 +436,9 @@ def structured_kernels(
     strategy: str = "auto",
     progress: bool = False,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
-    """Kernels of several parameter sets from one capture per tile (see :func:`ntk.kernels`)."""
+) -> tuple[dict[str, torch.Tensor | dict[str, torch.Tensor]], Timings]:
+    """Kernels of several parameter sets from one capture per tile (see :func:`ntk.kernels`),
+    and the :class:`Timings` of the call."""
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; use one of {OUTPUTS}")
     if strategy not in STRATEGIES:
@@ -466,32 +484,15 @@ def structured_kernels(
                                                   probe_n, fn, sum_logits)
         modes.update(found)
         _check_uncalled(model, assignments, probe_calls, take(inputs[1], 0, probe_n), fn)
-        # Per example of a tile: its features and about as much again for the capture's graph
-        # (contraction intermediates, materialised per-example gradients included, are
-        # chunked to CHUNK_ELEMENTS entries: ``work`` below).
+        # Per example of a tile: its features and about as much again for the capture's graph.
         features_pe = max(1, _nbytes(prepare(probe_calls, probe_n))) / probe_n
         del probe_calls
-        per_example = 2 * features_pe
-        q = {"full": n_out * n_out, "diagonal": n_out, "trace": 1}[layout]
-        acc = torch.empty((), dtype=dtype).element_size()
         n_blocks = sum(len(v) for v in sets.values()) if per_layer else len(sets)
-        kernel_bytes = n1 * n2 * q * acc * (n_blocks + 1)
-        work = CHUNK_ELEMENTS * acc * 3
-        room = budget - kernel_bytes - work
-        if room < 2 * per_example:
-            raise KernelTooLargeError(
-                f"structured kernels: even one example per tile needs about "
-                f"{(kernel_bytes + work + 2 * per_example) / GiB:.3g} GiB (kernel "
-                f"{kernel_bytes / GiB:.3g} GiB, captures {per_example / GiB:.3g} GiB per example,"
-                f" contraction chunks {work / GiB:.3g} GiB), over the memory budget of "
-                f"{budget / GiB:.3g} GiB. Select fewer parameters, ask for output='trace', use "
-                "fewer examples, or raise memory_budget."
-            )
-        tile = max(1, min(max(n1, n2), int(room // (4 * per_example))))  # half the room
-        if batch_size_ is not None:
-            tile = min(tile, batch_size_)
+        tiles = structured_tiles(features_pe, n1, n2, n_out, layout,
+                                 torch.empty((), dtype=dtype).element_size(), n_blocks, budget,
+                                 symmetric, batch_size_)
+        tile, keep_all = tiles.tile, tiles.keep_all
         total_tiles = -(-n1 // tile) + (0 if symmetric else -(-n2 // tile))
-        keep_all = features_pe * (n1 + (0 if symmetric else n2)) <= room / 2
         cache: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()
         capacity = total_tiles if keep_all else 2
 
@@ -530,17 +531,17 @@ def structured_kernels(
             t_contract, cpu_contract = t_contract + clock() - t1, cpu_contract + cpu() - u1
             bar.update(1)
         bar.close()
-        LAST_STATS.clear()
-        LAST_STATS.update(tile=tile, tile_pairs=len(pairs), captures=captures[0] - captures_before,
-                          keep_all=keep_all, capture_seconds=t_capture,
-                          contract_seconds=t_contract, setup_seconds=t_capture_start,
-                          capture_cpu_seconds=cpu_capture, contract_cpu_seconds=cpu_contract)
+        timings = Timings(tile=tile, tile_pairs=len(pairs),
+                          captures=captures[0] - captures_before, keep_all=keep_all,
+                          setup_seconds=t_capture_start, capture_seconds=t_capture,
+                          contract_seconds=t_contract, capture_cpu_seconds=cpu_capture,
+                          contract_cpu_seconds=cpu_contract)
     out: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {}
     for s, blocks in results.items():
         if sum_logits:
             blocks = {k: v[..., 0, 0] for k, v in blocks.items()}
         out[s] = blocks if per_layer else blocks["total"]
-    return out
+    return out, timings
 
 
 class _NoBar:

@@ -7,8 +7,8 @@ Both use the structured engine (:mod:`ntk._structured`, handlers in :mod:`ntk._h
 
     K[a, b, c, c'] = sum over parameter tensors i of  <d f_c(x1_a)/d theta_i, d f_c'(x2_b)/d theta_i>
 
-with each per-tensor block computed from the layer's captured inputs and back-signals
-(``shared/science.md`` section 3), never from a Jacobian of the whole model.
+with each per-tensor block computed from the layer's captured inputs and back-signals (the
+theory page of the docs, docs/theory.md), never from a Jacobian of the whole model.
 """
 
 from __future__ import annotations
@@ -88,11 +88,12 @@ def kernels(
         >>> ks["full"].shape, ks["bias"].shape
         (torch.Size([5, 5]), torch.Size([5, 5]))
     """
-    return structured_kernels(
+    result, _ = structured_kernels(
         model, x1, x2, params, output=output, per_layer=per_layer, dtype=dtype,
         batch_size_=batch_size, memory_budget=memory_budget, strategy=strategy,
         progress=progress, output_fn=output_fn,
     )
+    return result
 
 
 def structured_ntk(

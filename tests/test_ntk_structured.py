@@ -172,9 +172,9 @@ def test_symmetric_tile_path_equals_explicit_x2_and_reference(monkeypatch, case_
     """x2=None takes the one-tile path (row chunks against the columns from their own start,
     mirrored); with SYM_BLOCK = 1 every chunk is one row, so the mirroring is exercised. It must
     equal x2 = a copy of x1 (the two-tile path, no symmetry used) and the reference."""
-    import ntk._handlers as handlers
+    import ntk._handlers.base as base
 
-    monkeypatch.setattr(handlers, "SYM_BLOCK", 1)
+    monkeypatch.setattr(base, "SYM_BLOCK", 1)
     case = next(c for c in CASES if c.id == case_id)
     model = case.build(0)
     x = case.inputs(6, 4)
@@ -188,7 +188,7 @@ def test_symmetric_tile_path_equals_explicit_x2_and_reference(monkeypatch, case_
 
 
 def test_pack_drops_tokens_without_back_signal_exactly():
-    from ntk._handlers import _pack, _padded, _per_example
+    from ntk._handlers.linear import _pack, _padded, _per_example
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 6, 4, dtype=torch.float64, generator=g)
@@ -222,9 +222,9 @@ def test_padding_tokens_are_dropped_in_a_masked_transformer():
 @pytest.mark.parametrize("output", ["full", "trace"])
 def test_embedding_dense_and_sparse_ids_agree_with_reference(monkeypatch, sparse_cost, output):
     """SPARSE_COST 0: every id by equal-id pairs; 1e9: every id dense; 1: a mix."""
-    import ntk._handlers as handlers
+    import ntk._handlers.embedding as embedding
 
-    monkeypatch.setattr(handlers, "SPARSE_COST", sparse_cost)
+    monkeypatch.setattr(embedding, "SPARSE_COST", sparse_cost)
     model = TinyTransformer().double().eval()
     x1, x2 = CASES[1].inputs(6, 0), CASES[1].inputs(4, 1)
     names = ["embed.weight", "pos.weight"]
