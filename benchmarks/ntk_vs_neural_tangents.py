@@ -176,8 +176,8 @@ def _jax_net(net: str):
     import jax
     import jax.numpy as jnp
 
-    def dense(p: dict, name: str, x):
-        return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+    def dense(p: dict, name: str, x):  # weights stored (in, out): see nt_worker
+        return x @ p[f"{name}.weight"] + p[f"{name}.bias"]
 
     def layer_norm(p: dict, name: str, x):
         mu = x.mean(-1, keepdims=True)
@@ -218,7 +218,10 @@ def nt_worker(arrays_path: str) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")  # no TF32 on GPUs
     arrays = dict(np.load(arrays_path))
     fns: dict[tuple[str, str], Any] = {}
-    data = {net: (jax.device_put({k: v for k, v in params_of(arrays, net).items()}),
+    # Linear weights as (in, out) and ``x @ W``: with torch's (out, in) and ``x @ W.T`` the
+    # transpose hides the layer's structure from neural-tangents, which then runs ~100x slower.
+    data = {net: (jax.device_put({k: v.T.copy() if v.ndim == 2 else v
+                                  for k, v in params_of(arrays, net).items()}),
                   jax.device_put(arrays[f"{net}.x"])) for net in NETS}
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # nothing but answers on the protocol's stream
@@ -258,7 +261,7 @@ class NtSide:
             env["JAX_PLATFORMS"] = "cpu"  # else JAX's default backend (recorded in the results)
         if threads == 1 and not device.startswith("cuda"):
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                                " intra_op_parallelism_threads=1").strip()
+                                ).strip()  # (intra_op_parallelism_threads=1 deadlocks jax 0.4.23)
         env.pop("PYTHONPATH", None)
         self.proc = subprocess.Popen([python, __file__, "--nt-worker", str(arrays_path)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

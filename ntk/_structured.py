@@ -401,13 +401,40 @@ def _contract(a: Assignment, fr: Any, fc: Any, layout: str, strategy: str,
     if fr is None or fc is None:  # the module was not called: zero blocks
         return
     (r0, r1), (c0, c1) = rows, cols
-    for local, block in a.handler.blocks(a.module, fr, fc, a.names, layout, strategy).items():
+    blocks = a.handler.blocks(a.module, fr, fc, a.names, layout, strategy)
+    names = [a.full[local] for local in blocks]
+    if not per_layer and len(blocks) > 1 and all(membership[n] == membership[names[0]]
+                                                 for n in names):
+        # One layer's blocks (weight and bias) summed in their own precision, then one addition
+        # into each kernel: the per-layer accumulation, half the passes over a large kernel.
+        parts = list(blocks.values())
+        acc = parts[0] + parts[1]  # a new tensor: the handler's blocks are left as they are
+        for part in parts[2:]:
+            acc += part
+        blocks = {next(iter(blocks)): acc}
+    for local, block in blocks.items():
         name = a.full[local]
         for s in membership[name]:
             dest = results[s][name if per_layer else "total"]
             dest[r0:r1, c0:c1] += block
             if symmetric and rows != cols:
                 dest[c0:c1, r0:r1] += transpose_block(block, layout)
+
+
+def product_dtype(dtype: torch.dtype, params: list[torch.dtype]) -> torch.dtype:
+    """The dtype of the features and of the products that form each layer's block.
+
+    Blocks are accumulated into kernels of ``dtype``; the products are taken in the precision
+    of the selected parameters when that is lower (a float32 model asked for float64 kernels:
+    float32 products, each layer's block added in float64), but never below float32. The
+    captured features of a float32 model are float32 numbers with float32 rounding already,
+    so float64 products would buy little accuracy (the kernel's error stays at the float32
+    level, about 1e-6 relative) at up to twice the time; a float64 model gets float64 products
+    (agreement to 1e-10).
+    """
+    if dtype != torch.float64 or any(d == torch.float64 for d in params):
+        return dtype
+    return torch.float32
 
 
 def _nbytes(obj: Any) -> int:
@@ -455,6 +482,7 @@ def structured_kernels(
     union_set = {n for names in sets.values() for n in names}
     selected = [n for n, _ in model.named_parameters() if n in union_set]
     assignments = assign(model, selected)
+    named = dict(model.named_parameters())
     layout = layout_of(output)
     sum_logits = output == "sum_logits"
     fn = output_fn or default_output_fn
@@ -465,9 +493,11 @@ def structured_kernels(
 
     modes: dict[nn.Module, str] = {}
 
+    work = product_dtype(dtype, [named[n].dtype for n in selected])
+
     def prepare(calls: dict[nn.Module, list[Call]], n: int) -> list[Any]:
         with torch.no_grad():
-            return [a.handler.prepare(a.module, calls, n, a.names, dtype) for a in assignments]
+            return [a.handler.prepare(a.module, calls, n, a.names, work) for a in assignments]
 
     captures = [0]
 

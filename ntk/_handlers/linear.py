@@ -22,17 +22,19 @@ from ntk._handlers.base import (
 )
 from ntk._problem import transpose_block
 
-__all__ = ["GHOST", "MATERIALISE", "WRITE", "LinearHandler", "linear_costs"]
+__all__ = ["GHOST", "GHOST_ENTRY", "PER_EXAMPLE", "WRITE", "LinearHandler", "linear_costs"]
 
-# Cost rule constants, fitted to measured times (1 CPU thread, float32, MKL; the ratio of seconds
-# per unit of the two strategies was 0.40-0.56 across MiniLM's layer shapes, T = 8..32, N = 32..128,
-# full and trace). Ghost's units are multiply-adds of large, cache-friendly products;
-# materialise's are multiply-adds of a batched product with inner dimension T and of a Gram
-# matrix of few (n C) long (d_in d_out) rows, both limited by memory traffic: MATERIALISE
-# seconds per unit relative to ghost, and at least WRITE units per entry of the per-example
-# gradients however short the sequence.
+# Cost rule constants, fitted to measured times (1 CPU thread, float32, MKL, under load; MiniLM's
+# layer shapes, T = 8..32, and a pre-LN encoder, d = 128, T = 16). Units are multiply-adds of a
+# large matrix product (about 70 GFlop/s here). Ghost: its two Gram matrices at that rate, plus
+# GHOST_ENTRY units per entry of the multiplied Gram (elementwise product and token sums, limited
+# by memory traffic). Materialise: the per-example gradients by a batched product with inner
+# dimension T run PER_EXAMPLE times slower (and cost at least WRITE units per entry however short
+# the sequence); their Gram matrix runs at the full rate, on the share of a symmetric product
+# that is computed (:func:`ntk._handlers.base.gram_fraction`).
 GHOST = 1.0
-MATERIALISE = 2.2
+GHOST_ENTRY = 40.0
+PER_EXAMPLE = 2.7
 WRITE = 8
 
 
@@ -41,27 +43,30 @@ def linear_costs(n1: int, n2: int, t1: int, t2: int, d_in: int, d_out: int, c: i
                  rows: tuple[int, int] | None = None) -> dict[str, float]:
     """Cost estimates of the two strategies for a Linear weight block (the cost rule).
 
-    With ``q = C^2`` pairs of outputs for ``full`` and ``q = C`` otherwise, ``s = 1/2`` when the
-    two tiles are the same (``same``: only blocks on and above the diagonal are computed, the
-    rest mirrored) and ``s = 1`` otherwise, ``P = d_in d_out``, ``R`` the token rows of a tile
-    (``rows``; default ``n T``) and ``m = max(T, WRITE)``::
+    With ``q = C^2`` pairs of outputs for ``full`` and ``q = C`` otherwise, ``e`` the entries
+    per token pair of the multiplied Gram (``q`` for ``full``, ``C`` for ``diagonal``, 1 for
+    ``trace``), ``s = 1/2`` when the two tiles are the same (``same``: only blocks on and above
+    the diagonal are computed, the rest mirrored) and ``s = 1`` otherwise, ``s'`` the share of
+    the per-example Gram computed (:func:`ntk._handlers.base.gram_fraction` of ``n C`` rows
+    when ``same``, else 1), ``P = d_in d_out``, ``R`` the token rows of a tile (``rows``;
+    default ``n T``) and ``m = max(T, WRITE)``::
 
-        ghost       = GHOST s R1 R2 (d_in + q d_out + q)
-        materialise = MATERIALISE (C (n1 m1 + [not same] n2 m2) P  +  s q n1 n2 P)
+        ghost       = s R1 R2 (GHOST (d_in + q d_out) + GHOST_ENTRY e)
+        materialise = PER_EXAMPLE C (n1 m1 + [not same] n2 m2) P  +  s' q n1 n2 P
 
-    Ghost forms the Gram matrices of inputs and back-signals over token rows; materialise
-    forms per-example gradients ``sum_t g_t x_t^T`` and dots them; both are limited by memory
-    traffic (constants :data:`MATERIALISE`, :data:`WRITE`). Ghost wins for short sequences
-    (T^2 below about 2 d_in d_out / (d_in + q d_out)), materialise for long ones.
+    Ghost wins for short sequences (T^2 below about 2 d_in d_out / (d_in + q d_out)),
+    materialise for long ones.
     """
     q = _pairs(c, layout)
+    e = {"full": q, "diagonal": c}.get(layout, 1)
     s = 0.5 if same else 1.0
+    share = base.gram_fraction(n1 * (c if layout == "full" else 1)) if same else 1.0
     p = d_in * d_out
     r1, r2 = rows if rows is not None else (n1 * t1, n2 * t2)
     per_example = c * (n1 * max(t1, WRITE) + (0 if same else n2 * max(t2, WRITE))) * p
     return {
-        "ghost": GHOST * s * r1 * r2 * (d_in + q * d_out + q),
-        "materialise": MATERIALISE * (per_example + s * q * n1 * n2 * p),
+        "ghost": s * r1 * r2 * (GHOST * (d_in + q * d_out) + GHOST_ENTRY * e),
+        "materialise": PER_EXAMPLE * per_example + share * q * n1 * n2 * p,
     }
 
 
@@ -267,6 +272,8 @@ def _ghost(f1: _LinearFeatures, f2: _LinearFeatures, layout: str, same: bool) ->
     if same:
         step = min(step, max(base.SYM_BLOCK, -(-r1 // 8)))
     one1, one2 = f1.dense and f1.t == 1, f2.dense and f2.t == 1  # row = example
+    if f1.dense and f2.dense and not (one1 and one2):
+        return _ghost_grid(f1, f2, layout, same, step)
     for s in range(0, r1, step):
         e = min(r1, s + step)
         lo = s if same else 0
@@ -288,6 +295,34 @@ def _ghost(f1: _LinearFeatures, f2: _LinearFeatures, layout: str, same: bool) ->
                                f1.n, layout)
             out += off
             out += transpose_block(off, layout)
+    return out
+
+
+def _ghost_grid(f1: _LinearFeatures, f2: _LinearFeatures, layout: str, same: bool,
+                step: int) -> torch.Tensor:
+    """:func:`_ghost` for tiles whose rows are a (n, t) grid (every example keeps ``t``
+    tokens): chunks of whole examples, and the sums over each example pair's t1 x t2 token
+    pairs by a reshape and ``sum`` instead of index additions."""
+    n1, n2, t1, t2 = f1.n, f2.n, f1.t, f2.t
+    c = f1.g.shape[1]
+    shape = {"full": (c, c), "diagonal": (c,), "trace": ()}[layout]
+    out = f1.x.new_empty(n1, n2, *shape)
+    step = max(1, step // t1)  # examples per chunk
+    for a in range(0, n1, step):
+        b = min(n1, a + step)
+        lo = a if same else 0
+        part = _ghost_rows(f1.x[a * t1:b * t1], f1.g[a * t1:b * t1], f2.x[lo * t2:],
+                           f2.g[lo * t2:], layout)
+        m, k = b - a, n2 - lo
+        if layout == "full":  # (m t1, C, k t2, C)
+            blk = part.view(m, t1, c, k, t2, c).sum((1, 4)).permute(0, 2, 1, 3)
+        elif layout == "diagonal":  # (C, m t1, k t2)
+            blk = part.view(c, m, t1, k, t2).sum((2, 4)).permute(1, 2, 0)
+        else:
+            blk = part.view(m, t1, k, t2).sum((1, 3))
+        out[a:b, lo:] = blk
+        if same and b < n1:
+            out[b:, a:b] = transpose_block(blk[:, b - a:], layout)
     return out
 
 
