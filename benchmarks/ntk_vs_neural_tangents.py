@@ -310,6 +310,54 @@ def find_nt_python(given: str | None, build: bool) -> tuple[str | None, str]:
     return None, "no neural-tangents environment found"
 
 
+# -- the floor: the Gram products no method can avoid ------------------------------------------------
+
+
+def _layers(net: str) -> list[tuple[int, int, int, str]]:
+    """(tokens per example, d_in, d_out, kind) of every parameterised layer (kind: linear or
+    layernorm)."""
+    if net == "mlp":
+        return [(1, a, b, "linear") for a, b in itertools.pairwise(MLP_WIDTHS)]
+    block = [(TOKENS, D, D, "layernorm")] * 2 + [(TOKENS, D, D, "linear")] * 4 + [
+        (TOKENS, D, FF, "linear"), (TOKENS, FF, D, "linear")]
+    return block * BLOCKS + [(1, D, OUT, "linear")]
+
+
+def gram_floor(net: str, output: str) -> float:
+    """Multiply-adds of the cheapest Gram products that give the kernel of ``x2 = None``.
+
+    Per Linear layer (n examples, T tokens, C outputs, q = C^2 for full and C for trace,
+    half of every symmetric product): the smaller of ghost ``1/2 (nT)^2 (d_in + q d_out)``
+    (Gram matrices of inputs and of back-signals over token rows) and materialise
+    ``n C T d_in d_out + 1/2 q n^2 d_in d_out`` (per-example gradients and their Gram matrix);
+    plus ``1/2 q n^2 d_out`` for its bias and ``q n^2 d`` for a LayerNorm's two vectors.
+    Elementwise work, the forward and the backward are not counted.
+    """
+    n, c = NETS[net]["n"], MLP_WIDTHS[-1] if net == "mlp" else OUT
+    q = c * c if output == "full" else c
+    total = 0.0
+    for t, d_in, d_out, kind in _layers(net):
+        if kind == "layernorm":
+            total += q * n * n * d_in
+            continue
+        p = d_in * d_out
+        ghost = 0.5 * (n * t) ** 2 * (d_in + q * d_out)
+        materialise = n * c * t * p + 0.5 * q * n * n * p
+        total += min(ghost, materialise) + 0.5 * q * n * n * d_out
+    return total
+
+
+def gemm_rate(threads: int) -> float:
+    """Multiply-adds per second of a large float32 matrix product on this CPU (median of 5)."""
+    import torch
+    from _common import median, timed
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 512), torch.randn(512, 2048)
+    a @ b
+    return 2048 * 512 * 2048 / median([timed(lambda: a @ b)[2] for _ in range(5)])
+
+
 # -- the run -----------------------------------------------------------------------------------------
 
 
@@ -356,6 +404,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         return r["wall"], r["cpu"]
                     wall, cpu = nt_call(save)
                     kernels["neural_tangents"] = np.load(save)["k"]
+                    if output == "trace":  # neural-tangents averages over the traced axis
+                        kernels["neural_tangents"] *= MLP_WIDTHS[-1] if net == "mlp" else OUT
                     res["neural_tangents"] = {"first_wall": wall, "first_cpu": cpu}
                     runners["neural_tangents"] = nt_call
                 for p in precisions:
@@ -397,6 +447,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         default_dtype="the engine's default (dtype argument omitted)",
         neural_tangents=versions, torch_peak_rss_mb=peak_rss_mb())
     meta["load_average_at_start"], meta["load_average_at_end"] = load_start, load_average()
+    meta["gemm_multiply_adds_per_cpu_second"] = gemm_rate(args.threads)
     return {"meta": meta, "items": items}
 
 
@@ -409,7 +460,8 @@ def markdown(result: dict[str, Any]) -> str:
               "process CPU time (all threads). `ahead` = neural-tangents time / this toolkit's "
               "time (above 1: this toolkit is faster). `first` is the first call (JAX compiles; "
               "torch warms up). Agreement: largest entry difference relative to the largest "
-              "entry of neural-tangents' kernel.", "",
+              "entry of neural-tangents' kernel (its trace kernel, a mean over the C outputs, "
+              "times C: this toolkit's trace is the sum).", "",
               "| work | N | neural-tangents wall s (CPU s) | first | this toolkit float32 wall s "
               "(CPU s) | ahead wall (CPU) | agreement | default precision wall s (CPU s) | "
               "ahead wall (CPU) | agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -430,6 +482,21 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['net']} {r['output']} {tuple(r['shape'])} | {r['n']} | {nt_cells} | "
                      f"{t(r['float32'])} | {ahead(r['float32'])} | {agree(r['float32'])} | "
                      f"{t(r['default'])} | {ahead(r['default'])} | {agree(r['default'])} |")
+    rate = meta.get("gemm_multiply_adds_per_cpu_second")
+    if rate:
+        lines += ["", f"Floor: multiply-adds of the Gram products no method avoids "
+                  f"(`gram_floor`), at this run's float32 matrix-product rate of "
+                  f"{rate / 1e9:.1f} G multiply-adds per CPU second, against this toolkit's CPU "
+                  "seconds (float32). The capture (forward and C-output backward) and the "
+                  "elementwise work are above the floor.", "",
+                  "| work | floor G multiply-adds | floor CPU s | this toolkit / floor | "
+                  "neural-tangents / floor |", "|---|---|---|---|---|"]
+        for r in items.values():
+            flo = gram_floor(r["net"], r["output"])
+            ntr = r.get("neural_tangents")
+            lines.append(f"| {r['net']} {r['output']} | {flo / 1e9:.2f} | {flo / rate:.3f} | "
+                         f"{r['float32']['cpu'] / (flo / rate):.1f}x | "
+                         + (f"{ntr['cpu'] / (flo / rate):.1f}x |" if ntr else "n/a |"))
     return "\n".join(lines) + "\n"
 
 
@@ -445,12 +512,22 @@ def main() -> None:
     parser.add_argument("--no-build", action="store_true",
                         help="do not build the neural-tangents environment when it is missing")
     parser.add_argument("--quick", action="store_true", help="2 repeats, results not written")
+    parser.add_argument("--md-only", action="store_true",
+                        help="rewrite the markdown from the JSON (measures the GEMM rate if absent)")
     parser.add_argument("--nt-worker", metavar="NPZ", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.nt_worker:
         nt_worker(args.nt_worker)
         return
     sys.path[:0] = [str(ROOT), str(HERE)]
+    if args.md_only:
+        from _common import write_atomic
+
+        result = json.loads((RESULTS / "ntk_vs_neural_tangents.json").read_text())
+        result["meta"].setdefault("gemm_multiply_adds_per_cpu_second", gemm_rate(args.threads))
+        write_atomic(RESULTS / "ntk_vs_neural_tangents.json", json.dumps(result, indent=2) + "\n")
+        write_atomic(RESULTS / "ntk_vs_neural_tangents.md", markdown(result))
+        return
     if args.quick:
         args.repeats = 2
     result = run(args)

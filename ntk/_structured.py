@@ -424,9 +424,10 @@ def _contract(a: Assignment, fr: Any, fc: Any, layout: str, strategy: str,
 def product_dtype(dtype: torch.dtype, params: list[torch.dtype]) -> torch.dtype:
     """The dtype of the features and of the products that form each layer's block.
 
-    Blocks are accumulated into kernels of ``dtype``; the products are taken in the precision
-    of the selected parameters when that is lower (a float32 model asked for float64 kernels:
-    float32 products, each layer's block added in float64), but never below float32. The
+    Kernels are returned in ``dtype``; the products are taken in the precision of the selected
+    parameters when that is lower (a float32 model asked for float64 kernels: float32
+    products), but never below float32. The layers' blocks of one tile pair are summed in that
+    precision and added to the ``dtype`` kernel (with ``per_layer``, each layer's block). The
     captured features of a float32 model are float32 numbers with float32 rounding already,
     so float64 products would buy little accuracy (the kernel's error stays at the float32
     level, about 1e-6 relative) at up to twice the time; a float64 model gets float64 products
@@ -554,9 +555,21 @@ def structured_kernels(
             frow = get(1, (r0, r1))
             fcol = get(1 if symmetric else 2, (c0, c1))
             t1, u1 = clock(), cpu()
-            for a, fr, fc in zip(assignments, frow, fcol, strict=True):
-                _contract(a, fr, fc, layout, strategy, results, membership, per_layer,
-                          symmetric, (r0, r1), (c0, c1))
+            if per_layer:
+                for a, fr, fc in zip(assignments, frow, fcol, strict=True):
+                    _contract(a, fr, fc, layout, strategy, results, membership, True,
+                              symmetric, (r0, r1), (c0, c1))
+            else:  # the tile pair's blocks summed in the product precision, added once
+                acc = {k: {"total": torch.zeros(r1 - r0, c1 - c0, *shape, dtype=work,
+                                                device=device)} for k in sets}
+                for a, fr, fc in zip(assignments, frow, fcol, strict=True):
+                    _contract(a, fr, fc, layout, strategy, acc, membership, False, False,
+                              (0, r1 - r0), (0, c1 - c0))
+                for k, part in acc.items():
+                    results[k]["total"][r0:r1, c0:c1] += part["total"]
+                    if symmetric and (r0, r1) != (c0, c1):
+                        results[k]["total"][c0:c1, r0:r1] += transpose_block(part["total"],
+                                                                             layout)
             t_capture, cpu_capture = t_capture + t1 - t0, cpu_capture + u1 - u0
             t_contract, cpu_contract = t_contract + clock() - t1, cpu_contract + cpu() - u1
             bar.update(1)

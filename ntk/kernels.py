@@ -54,10 +54,10 @@ def kernels(
             ``"trace"`` (N1, N2) the sum over c of the diagonal; ``"diagonal"`` (N1, N2, C);
             ``"sum_logits"`` (N1, N2), the kernel of ``sum_c f_c``.
         per_layer: return, per set, a dict parameter name -> block (they sum to the kernel).
-        dtype: dtype of the kernels (float64 by default). Each layer's block is added in
-            ``dtype``; the structured engine forms the features and products of a block in the
-            parameters' precision when that is lower, at least float32 (float32 models: float32
-            products accumulated per layer in float64, see ``ntk._structured.product_dtype``).
+        dtype: dtype of the kernels (float64 by default). The structured engine forms the
+            features and products in the parameters' precision when that is lower, at least
+            float32 (float32 models: float32 products, summed per tile pair and added to the
+            float64 kernel; see ``ntk._structured.product_dtype``).
         batch_size: largest tile of examples (default: as large as the memory budget allows).
         memory_budget: bytes (default: a safe share of the free memory of the model's device).
         strategy: for ``nn.Linear`` weights: ``"ghost"`` (Gram matrices over tokens),
