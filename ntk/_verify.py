@@ -46,10 +46,11 @@ def check_finite(results: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     for s, blocks in results.items():
         for name, block in blocks.items():
             if not bool(torch.isfinite(block).all()):
-                where = "" if name == "total" else f", block of {name!r}"
+                where = "" if s == "k" else f" {s!r}"
+                where += "" if name == "total" else f", block of {name!r}"
                 raise KernelOutputError(
-                    f"the kernel{'' if s == 'k' else f' {s!r}'}{where} has non-finite entries although the model outputs "
-                    "are finite: the gradients overflow or are undefined (e.g. sqrt at 0); "
+                    f"the kernel{where} has non-finite entries although the model outputs are "
+                    "finite: the gradients overflow or are undefined (e.g. sqrt at 0); "
                     "compute in a wider dtype, change the inputs or rescale the model"
                 )
 
