@@ -120,8 +120,9 @@ def verify(model: nn.Module, x1: Inputs, x2: Inputs | None, n1: int, n2: int,
                     err = (block[a, b].double().cpu() - want.cpu()).abs()
                     e = float((err / (bound.cpu() + floor.cpu() + 1e-300)).max())
                     if e > worst[0]:
-                        worst = (e, s if key == "total" else f"{s}: {key}")
-                        worst = (e, f"{worst[1]} at examples ({a}, {b})")
+                        label = "the kernel" if s == "k" else f"set {s!r}"
+                        label += "" if key == "total" else f", block of {key!r}"
+                        worst = (e, f"{label} at examples ({a}, {b})")
     if worst[0] > rtol:
         raise VerificationError(
             f"the structured engine's kernel disagrees with whole per-example gradients "

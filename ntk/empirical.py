@@ -96,14 +96,19 @@ def empirical_ntk(
       Jacobian is contracted, the sum over parameters happens in the forward-mode pass (in the
       model's dtype). Cost ``n2 F (1 + 2C) + 2 n1 n2 C F`` (times L with ``per_layer``).
     - ``"structured"``: per-layer blocks from captured layer inputs and back-signals
-      (``ntk.kernels``; science.md section 3), ghost or materialise per linear layer by the cost
-      rule in ``ntk._handlers.linear_costs``; unknown module types fall back to per-module
-      torch.func gradients.
+      (``ntk.kernels``; the theory page of the docs, docs/theory.md), ghost or materialise per
+      linear layer by the cost rule in ``ntk._handlers.linear_costs``; module types without a
+      handler (or subclasses that override ``forward``) fall back to per-module gradients.
+      Every result is checked at a few entries against whole per-example gradients
+      (``ntk._verify``) and refused on disagreement.
     - ``"auto"``: ``"structured"`` whenever it can attribute every selected parameter to
       examples (it was 2x to 30x faster than ``"jacobian"`` in ``benchmarks/results``);
-      otherwise (``StructuredError``, e.g. weights tied across modules) it plans the two
-      torch.func methods within the memory budget and takes the one with the smaller
-      estimate, where each tile pair also costs ``FLOPS_PER_BYTE = 10`` flops per byte of
+      otherwise (any error of the structured engine other than one about the request itself,
+      e.g. weights tied across modules, a failed self-check, a module it cannot hook) it plans
+      the two torch.func methods within the memory budget and tries them cheapest first (the
+      second when the first fails, e.g. ``ntk_vp`` without a forward-mode rule for
+      ``nn.MultiheadAttention``), with one warning naming the method that ran and why. The
+      estimate is the method's cost, where each tile pair also costs ``FLOPS_PER_BYTE = 10`` flops per byte of
       Jacobian or directions it reads (``2 t C P`` resp. ``t C P`` entries for tile size t)
       and a fixed ``2e8`` (see ``ntk._memory``). For large batches this compares ``C P``
       (jacobian) with ``F`` (ntk_vp): the Jacobian contraction wins when the selected
