@@ -2,9 +2,10 @@
 
 After the structured pass, for the first and last example of x1 (and of x2) the complete
 per-example gradient over the selected parameters is taken by one ``torch.autograd.grad`` of
-the model run on that example alone (batched over the C outputs). Every returned block (the
-kernel of each parameter set, or each parameter's block with ``per_layer``) must then satisfy,
-at those example pairs ``(a, b)`` and output pairs ``(c, c')``,
+the model run on those examples (one forward, one backward per example and output). Every
+returned block (the kernel of each parameter set, or each parameter's block with
+``per_layer``) must then satisfy, at those example pairs ``(a, b)`` and output pairs ``(c,
+c')``,
 
     |K[a, b, c, c'] - <g_c(x1_a), g_c'(x2_b)>|  <=  rtol (|g_c(x1_a)| |g_c'(x2_b)| + 1e-3 B)
 
@@ -14,7 +15,8 @@ same bound over all parameters of the set (a floor for blocks that are rounding 
 Cauchy-Schwarz bound of the entry, so the test is scale-free. Anything a handler does not
 describe fails it: a weight also read outside its module, a subclass computing something else,
 an in-place change the engine missed, an argument sliced that was not batched, a tile-size
-dependence. Cost: at most four forward and backward passes of one example.
+dependence. Cost: one forward of two examples (of x1 and of x2 each), 2 C backward passes
+and the dots of those gradients.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ntk._handlers import StructuredError, batched_vjp
-from ntk._inputs import Inputs, call_model, take
+from ntk._handlers import StructuredError
+from ntk._inputs import Inputs, call_model, select
 from ntk._problem import KernelOutputError, check_output
 
 __all__ = ["RTOL", "VerificationError", "check_finite", "verify"]
 
 RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
 """Tolerance of an entry relative to its Cauchy-Schwarz bound, by the model's output dtype."""
+CHUNK = 2**16  # gradient entries per row in one piece of the dot products
 FLOOR = 1e-3
 """Part of the bound of the whole set added to a block's bound (rounding noise floor)."""
 
@@ -55,23 +58,50 @@ def check_finite(results: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
                 )
 
 
-def _gradients(model: nn.Module, x: Inputs, a: int, names: list[str],
+def _gradients(model: nn.Module, x: Inputs, examples: list[int], names: list[str],
                fn: Callable[[Any], torch.Tensor], sum_logits: bool) -> dict[str, torch.Tensor]:
-    """``{name: (C, numel)}``: d f_c(x_a) / d theta for every output, model run on x_a alone."""
+    """``{name: (m, C, numel)}``: d f_c(x_a) / d theta for the m ``examples`` and every output,
+    from one forward of those examples and one backward per output of each example."""
     theta = {k: v.detach() for k, v in model.named_parameters()}
     for k in names:
         theta[k] = theta[k].requires_grad_(True)
+    m = len(examples)
     with torch.enable_grad():
-        f = fn(call_model(model, theta, take(x, a, a + 1)))
-        check_output(f, 1)
+        f = fn(call_model(model, theta, select(x, examples)))
+        check_output(f, m)
         if sum_logits:
             f = f.sum(-1, keepdim=True)
         c = f.shape[1]
-        cot = torch.eye(c, dtype=f.dtype, device=f.device)[:, None, :]
         if not f.requires_grad:
-            return {k: torch.zeros(c, theta[k].numel(), dtype=f.dtype) for k in names}
-        grads = batched_vjp(f, [theta[k] for k in names], cot)
-    return {k: g.reshape(c, -1).detach() for k, g in zip(names, grads, strict=True)}
+            return {k: torch.zeros(m, c, theta[k].numel(), dtype=f.dtype) for k in names}
+        params = [theta[k] for k in names]
+        flat = f.reshape(-1)
+        # one backward per (example, output): faster on CPU than one vmapped backward
+        rows = [torch.autograd.grad(flat[i], params, retain_graph=i + 1 < m * c, allow_unused=True)
+                for i in range(m * c)]
+    return {k: torch.stack([torch.zeros_like(p) if r[j] is None else r[j] for r in rows])
+            .reshape(m, c, -1).detach() for j, (k, p) in enumerate(zip(names, params, strict=True))}
+
+
+def _dots(w1: torch.Tensor, w2: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dots (R, C, S, C) and squared norms (R, C), (S, C) of gradients (R, C, P), (S, C, P)
+    (``w2`` None: the same), accumulated in float64 over pieces of :data:`CHUNK` entries (each
+    piece in the gradients' dtype, at least float32)."""
+    r, c, p = w1.shape
+    s = r if w2 is None else w2.shape[0]
+    work = torch.float64 if w1.dtype == torch.float64 else torch.float32
+    d = torch.zeros(r * c, s * c, dtype=torch.float64, device=w1.device)
+    q1 = torch.zeros(r, c, dtype=torch.float64, device=w1.device)
+    q2 = q1 if w2 is None else torch.zeros(s, c, dtype=torch.float64, device=w1.device)
+    for s0 in range(0, p, CHUNK):
+        b1 = w1[..., s0:s0 + CHUNK].to(work)
+        b2 = b1 if w2 is None else w2[..., s0:s0 + CHUNK].to(work)
+        d += (b1.reshape(r * c, -1) @ b2.reshape(s * c, -1).T).double()
+        q1 += (b1 * b1).sum(-1).double()
+        if w2 is not None:
+            q2 += (b2 * b2).sum(-1).double()
+    return d.view(r, c, s, c).cpu(), q1.cpu(), q2.cpu()
 
 
 def _entries(g1: list[torch.Tensor], g2: list[torch.Tensor], layout: str
@@ -105,20 +135,13 @@ def verify(model: nn.Module, x1: Inputs, x2: Inputs | None, n1: int, n2: int,
     names = list(dict.fromkeys(n for ns in sets.values() for n in ns))
     rows = sorted({0, n1 - 1})
     cols = rows if x2 is None else sorted({0, n2 - 1})
-    g1 = {a: _gradients(model, x1, a, names, fn, sum_logits) for a in rows}
-    g2 = g1 if x2 is None else {b: _gradients(model, x2, b, names, fn, sum_logits) for b in cols}
-    some = next(iter(g1.values()))[names[0]]
-    rtol = RTOL.get(some.dtype, 1e-4)
-    # per parameter tensor, once: dots (R, C, S, C) and squared norms (R, C), (S, C) in float64
+    g1 = _gradients(model, x1, rows, names, fn, sum_logits)
+    g2 = None if x2 is None else _gradients(model, x2, cols, names, fn, sum_logits)
+    rtol = RTOL.get(g1[names[0]].dtype, 1e-4)
     dots, sq1, sq2 = {}, {}, {}
     for k in names:
-        a1 = torch.stack([g1[a][k] for a in rows]).double()  # (R, C, P)
-        a2 = a1 if g2 is g1 else torch.stack([g2[b][k] for b in cols]).double()
-        r, c, p = a1.shape
-        dots[k] = (a1.reshape(r * c, p) @ a2.reshape(-1, p).T).view(r, c, len(cols), c).cpu()
-        sq1[k] = (a1 ** 2).sum(-1).cpu()
-        sq2[k] = sq1[k] if a2 is a1 else (a2 ** 2).sum(-1).cpu()
-        del a1, a2
+        dots[k], sq1[k], sq2[k] = _dots(g1[k], None if g2 is None else g2[k])
+    del g1, g2
 
     def entries(group: list[str], i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         full = torch.stack([dots[k][i, :, j] for k in group]).sum(0)
