@@ -41,6 +41,7 @@ __all__ = [
     "Profile",
     "StructuredTiles",
     "default_budget",
+    "pair_counts",
     "plan",
     "profile",
     "structured_tiles",
@@ -161,6 +162,24 @@ def tile_pairs(
     return [(c, [r for r in rows if not symmetric or r[0] < c[1]]) for c in cols]
 
 
+def pair_counts(n1: int, n2: int, tile: int, symmetric: bool) -> tuple[int, int, int]:
+    """``(tile pairs, kernel entries, row examples re-differentiated)`` of :func:`tile_pairs`,
+    in closed form (O(1), the planner must stay cheap at large N).
+
+    With ``m = ceil(n / t)`` tiles, the last of ``l = n - (m - 1) t`` examples, the symmetric
+    triangle has ``m (m + 1) / 2`` pairs, ``(n^2 + (m - 1) t^2 + l^2) / 2`` entries and
+    ``t m (m - 1) / 2`` row examples off the diagonal; otherwise ``m1 m2`` pairs, ``n1 n2``
+    entries and ``m2 n1`` row examples.
+    """
+    if symmetric:
+        m = -(-n1 // tile)
+        last = n1 - (m - 1) * tile
+        return m * (m + 1) // 2, (n1 * n1 + (m - 1) * tile * tile + last * last) // 2, \
+            tile * m * (m - 1) // 2
+    m1, m2 = -(-n1 // tile), -(-n2 // tile)
+    return m1 * m2, n1 * n2, m2 * n1
+
+
 def _groups(numels: dict[str, int], cap: int) -> list[list[str]]:
     """Consecutive parameter tensors packed greedily into groups of at most ``cap`` entries."""
     groups: list[list[str]] = []
@@ -208,9 +227,7 @@ def _estimate(
     rows, cols = min(tile, n1), min(tile, n2)
     block = rows * cols * per_pair * (layers + 1)
     p_group = max(sum(prof.numels[k] for k in g) for g in groups)
-    pairs = tile_pairs(n1, n2, tile, symmetric)
-    entries = sum((c1 - c0) * (r1 - r0) for (c0, c1), rs in pairs for (r0, r1) in rs)
-    n_tiles = sum(len(rs) for _, rs in pairs)
+    n_tiles, entries, rebuilt = pair_counts(n1, n2, tile, symmetric)
     overhead = TILE_OVERHEAD_FLOPS * n_tiles * len(groups)
     # every tile pair reads the column tile's Jacobian or directions (and the row tile's
     # Jacobian for "jacobian"): cols * C * P entries per side
@@ -220,8 +237,6 @@ def _estimate(
     g = len(groups)
     if method == "jacobian":
         peak = _jacobian.peak_bytes(*args)
-        rebuilt = sum(r1 - r0 for (c0, c1), rs in pairs for (r0, r1) in rs
-                      if not (symmetric and (r0, r1) == (c0, c1)))
         cost = _jacobian.flops(entries, c, prof.n_params, prof.flops, layout, g * (n2 + rebuilt))
     else:
         peak = _ntk_vp.peak_bytes(*args)

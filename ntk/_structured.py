@@ -61,13 +61,16 @@ from ntk._inputs import Inputs, call_model, example_counts, take, to_device
 from ntk._memory import default_budget, structured_tiles, tile_pairs
 from ntk._params import ParamSelector, select_parameters
 from ntk._problem import (
-    OUTPUTS,
     KernelOutputError,
     check_output,
+    check_request,
     default_output_fn,
     layout_of,
+    probe_forward,
     transpose_block,
 )
+from ntk._verify import check_finite
+from ntk._verify import verify as check_kernels
 
 __all__ = ["Assignment", "Timings", "assign", "capture", "structured_kernels"]
 
@@ -83,7 +86,8 @@ class Timings:
             passes over a tile; keep_all: every tile's features were kept in memory.
         setup_seconds: the probe (modes, memory plan); capture_seconds: captures and features;
         contract_seconds: pairwise contractions; capture_cpu_seconds, contract_cpu_seconds:
-            the process CPU seconds of the last two.
+            the process CPU seconds of the last two; verify_seconds, verify_cpu_seconds: the
+            check of a few entries against whole gradients (:mod:`ntk._verify`).
     """
 
     tile: int
@@ -95,6 +99,8 @@ class Timings:
     contract_seconds: float
     capture_cpu_seconds: float
     contract_cpu_seconds: float
+    verify_seconds: float = 0.0
+    verify_cpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,21 @@ def assign(model: nn.Module, selected: list[str]) -> list[Assignment]:
     return out
 
 
+class InPlaceError(StructuredError):
+    """A hooked module's input or output was changed in place later in the forward."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        names = sorted({type(m).__name__ for m in modules})
+        super().__init__(
+            f"the output or input of {names} is changed in place later in the forward (e.g. "
+            "ReLU(inplace=True), out += identity); the structured engine clones these calls"
+        )
+
+
+Batched = Mapping[nn.Module, list[tuple[tuple[bool, ...], dict[str, bool]]]]
+
+
 def capture(
     model: nn.Module,
     assignments: list[Assignment],
@@ -210,6 +231,8 @@ def capture(
     output_fn: Callable[[Any], torch.Tensor],
     sum_logits: bool,
     modes: Mapping[nn.Module, str] | None = None,
+    batched: Batched | None = None,
+    clone: set[nn.Module] | None = None,
 ) -> tuple[dict[nn.Module, list[Call]], torch.Tensor]:
     """One forward with hooks and one backward batched over outputs; see the module docstring.
 
@@ -221,14 +244,25 @@ def capture(
     ``modes`` gives, for modules whose calls carry no batch dimension (found by
     :func:`unbatched_modules`), how their output is broadcast to the ``n`` examples:
     ``"expand"`` (a leading dimension of 1 becomes n, else as prepend) or ``"prepend"`` (a new
-    leading dimension n).
+    leading dimension n). ``batched`` gives, per module and call, which arguments carry the
+    batch (from :func:`unbatched_modules`). For the modules in ``clone`` the recorded inputs
+    are copies and the forward continues with a copy of the output, so in-place changes later
+    in the forward reach neither the recorded values nor the back-signal (which is taken at
+    the output before the change).
+
+    Raises:
+        InPlaceError: a recorded input or output of a module not in ``clone`` was changed in
+            place (its version counter moved) before the backward.
     """
     modes = modes or {}
+    batched = batched or {}
+    clone = clone or set()
     need: dict[nn.Module, bool] = {}
     for a in assignments:
         for m, wants_grad in a.handler.hooks(a.module):
             need[m] = need.get(m, False) or wants_grad
     calls: dict[nn.Module, list[Call]] = {m: [] for m in need}
+    versions: list[tuple[nn.Module, torch.Tensor, int]] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not isinstance(output, torch.Tensor):
@@ -239,11 +273,24 @@ def capture(
                 )
             return None
         out = output
-        if need[module] and out.is_floating_point() and not out.requires_grad:
+        leaf = need[module] and out.is_floating_point() and not out.requires_grad
+        if leaf:  # a leaf of our own: the forward goes on with a copy (in-place safe)
             out = out.detach().requires_grad_(True)
         mode = modes.get(module, "")
         out = _broadcast(out, n, mode)
-        calls[module].append(Call(args, kwargs, out, mode=mode))
+        flags = batched.get(module, [])
+        index = len(calls[module])
+        if module in clone:
+            args = tuple(_copy(v) for v in args)
+            kwargs = {k: _copy(v) for k, v in kwargs.items()}
+        call = Call(args, kwargs, out, mode=mode,
+                    batched=flags[index] if index < len(flags) else None)
+        calls[module].append(call)
+        if module in clone or leaf:
+            return out.clone()
+        for t in (out, *args, *kwargs.values()):
+            if isinstance(t, torch.Tensor):
+                versions.append((module, t, t._version))
         return out if out is not output else None
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in need]
@@ -251,6 +298,9 @@ def capture(
         theta = {k: v.detach() for k, v in model.named_parameters()}
         with torch.enable_grad():
             f = output_fn(call_model(model, theta, x))
+            changed = list(dict.fromkeys(m for m, t, v in versions if t._version != v))
+            if changed:
+                raise InPlaceError(changed)
             check_output(f, n)
             if not bool(torch.isfinite(f).all()):
                 raise KernelOutputError("the model outputs are not finite (NaN or inf)")
@@ -280,6 +330,10 @@ def capture(
     return calls, f.detach()
 
 
+def _copy(v: Any) -> Any:
+    return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+
 def _detach(v: Any) -> Any:
     return v.detach() if isinstance(v, torch.Tensor) else v
 
@@ -306,25 +360,35 @@ def _repeat_first(x: Inputs, n: int) -> Inputs:
 
 
 def unbatched_modules(model: nn.Module, modules: list[nn.Module], x: Inputs,
-                      rule: str) -> list[nn.Module]:
-    """Hooked modules whose output's dimension 0 does not follow the batch size.
+                      rule: str) -> tuple[list[nn.Module], dict[nn.Module, list]]:
+    """Hooked modules whose output's dimension 0 does not follow the batch size, and which
+    arguments of every call do.
 
     Runs the model (no grad) on the first example repeated 2 and 3 times; a module is
     unbatched when some call's output has dimension 0 different from the batch size. Such an
     output is broadcast by ``rule`` (:func:`_broadcast`) before the forward continues, as in
-    :func:`capture`, so a wrapper around an unbatched layer is seen batched.
+    :func:`capture`, so a wrapper around an unbatched layer is seen batched. An argument is
+    batched when its dimension 0 is the batch size in both runs (a (T, T) mask is not, even
+    when T equals a tile size); returned per module and call as (positional flags, keyword
+    flags).
     """
     bad: set[nn.Module] = set()
     size = [0]
+    seen: dict[int, dict[nn.Module, list]] = {2: {}, 3: {}}
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    def flag(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == size[0]
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        seen[size[0]].setdefault(module, []).append(
+            (tuple(flag(v) for v in args), {k: flag(v) for k, v in kwargs.items()}))
         if isinstance(output, torch.Tensor) and (output.ndim == 0 or output.shape[0] != size[0]
                                                  or module in bad):
             bad.add(module)
             return _broadcast(output, size[0], rule)
         return None
 
-    handles = [m.register_forward_hook(hook) for m in modules]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
     try:
         with torch.no_grad():
             for n in (2, 3):
@@ -333,7 +397,17 @@ def unbatched_modules(model: nn.Module, modules: list[nn.Module], x: Inputs,
     finally:
         for h in handles:
             h.remove()
-    return [m for m in modules if m in bad]
+    batched: dict[nn.Module, list] = {}
+    for m, two in seen[2].items():
+        three = seen[3].get(m, [])
+        if len(three) != len(two):
+            continue  # calls differ with the batch size: judged by shape (and verified)
+        batched[m] = [
+            (tuple(p and q for p, q in zip(a2, a3, strict=False)),
+             {k: v and k3.get(k, False) for k, v in k2.items()})
+            for (a2, k2), (a3, k3) in zip(two, three, strict=True)
+        ]
+    return [m for m in modules if m in bad], batched
 
 
 @contextlib.contextmanager
@@ -352,16 +426,31 @@ def _kernel_mode(model: nn.Module) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _choose_modes(
+@dataclass
+class Probe:
+    """What the probe found out about the model (see :func:`_probe`).
+
+    Attributes:
+        modes: unbatched hooked module -> how its output broadcasts to the batch.
+        batched: hooked module -> per call, which arguments carry the batch.
+        clone: modules whose calls are copied (their input or output is changed in place).
+        calls: the probe's captured calls; n_out: C, the number of outputs.
+    """
+
+    modes: dict[nn.Module, str]
+    batched: dict[nn.Module, list]
+    clone: set[nn.Module]
+    calls: dict[nn.Module, list[Call]]
+    n_out: int
+
+
+def _probe(
     model: nn.Module, assignments: list[Assignment], x: Inputs, n: int,
     fn: Callable[[Any], torch.Tensor], sum_logits: bool,
-) -> tuple[dict[nn.Module, str], dict[nn.Module, list[Call]], int]:
+) -> Probe:
     """How unbatched hooked modules broadcast: the first rule whose hooked forward on the probe
-    examples reproduces the plain forward ("expand", then "prepend").
-
-    Returns:
-        ``(modes, calls, C)``: the modes, the probe's captured calls under them, the number
-        of outputs.
+    examples reproduces the plain forward ("expand", then "prepend"); which arguments are
+    batched; which modules' calls must be copied because the forward changes them in place.
 
     Raises:
         StructuredError: neither rule reproduces the model's outputs.
@@ -372,18 +461,28 @@ def _choose_modes(
             plain = plain.sum(-1, keepdim=True)
     errors = []
     names: list[str] = []
+    hooked = _hooked(assignments)
     for rule in ("expand", "prepend"):
+        clone: set[nn.Module] = set()
         try:
-            unbatched = unbatched_modules(model, _hooked(assignments), x, rule)
+            unbatched, batched = unbatched_modules(model, hooked, x, rule)
             names = [type(m).__name__ for m in unbatched]
             modes = {m: rule for m in unbatched}
-            calls, f = capture(model, assignments, x, n, fn, sum_logits, modes)
+            for _ in range(len(hooked) + 1):
+                try:
+                    calls, f = capture(model, assignments, x, n, fn, sum_logits, modes,
+                                       batched, clone)
+                    break
+                except InPlaceError as err:
+                    clone.update(err.modules)
+            else:
+                raise StructuredError("internal: in-place changes not resolved by copies")
         except (RuntimeError, StructuredError) as err:
             errors.append(f"{rule or 'batched'}: {type(err).__name__}: {str(err)[:200]}")
             continue
         scale = max(float(plain.abs().max()), 1e-30)
         if f.shape == plain.shape and float((f - plain).abs().max()) <= 1e-6 * scale:
-            return modes, calls, int(f.shape[1])
+            return Probe(modes, batched, clone, calls, int(f.shape[1]))
         errors.append(f"{rule or 'batched'}: outputs differ from the plain forward")
     raise StructuredError(
         "the structured engine could not reproduce the model's outputs with its hooks "
@@ -464,17 +563,17 @@ def structured_kernels(
     strategy: str = "auto",
     progress: bool = False,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
+    verify: bool = True,
 ) -> tuple[dict[str, torch.Tensor | dict[str, torch.Tensor]], Timings]:
     """Kernels of several parameter sets from one capture per tile (see :func:`ntk.kernels`),
-    and the :class:`Timings` of the call."""
-    if output not in OUTPUTS:
-        raise ValueError(f"unknown output {output!r}; use one of {OUTPUTS}")
+    and the :class:`Timings` of the call. ``verify``: check a few entries of every result
+    against whole per-example gradients (:func:`ntk._verify.verify`; only benchmarks turn
+    it off)."""
+    check_request(output, dtype, batch_size_, memory_budget)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
     if not params:
         raise ValueError("params must name at least one parameter set, e.g. {'full': 'all'}")
-    if batch_size_ is not None and batch_size_ < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size_}")
     n1, n2 = example_counts(x1, x2)
     symmetric = x2 is None
     first = next(model.parameters(), None)
@@ -491,8 +590,10 @@ def structured_kernels(
     inputs = {1: to_device(x1, device)}
     if x2 is not None:
         inputs[2] = to_device(x2, device)
+    for which, x in inputs.items():
+        probe_forward(model, x, f"x{which}")
 
-    modes: dict[nn.Module, str] = {}
+    probe: Probe | None = None
 
     work = product_dtype(dtype, [named[n].dtype for n in selected])
 
@@ -504,20 +605,21 @@ def structured_kernels(
 
     def features(which: int, start: int, stop: int) -> list[Any]:
         captures[0] += 1
+        assert probe is not None
         calls, _ = capture(model, assignments, take(inputs[which], start, stop), stop - start,
-                           fn, sum_logits, modes)
+                           fn, sum_logits, probe.modes, probe.batched, probe.clone)
         return prepare(calls, stop - start)
 
     started = time.perf_counter()
     with _kernel_mode(model):
         probe_n = min(PROBE_EXAMPLES, n1)
-        found, probe_calls, n_out = _choose_modes(model, assignments, take(inputs[1], 0, probe_n),
-                                                  probe_n, fn, sum_logits)
-        modes.update(found)
+        probe = _probe(model, assignments, take(inputs[1], 0, probe_n), probe_n, fn, sum_logits)
+        probe_calls, n_out = probe.calls, probe.n_out
         _check_uncalled(model, assignments, probe_calls, take(inputs[1], 0, probe_n), fn)
         # Per example of a tile: its features and about as much again for the capture's graph.
         features_pe = max(1, _nbytes(prepare(probe_calls, probe_n))) / probe_n
         del probe_calls
+        probe.calls = {}
         n_blocks = sum(len(v) for v in sets.values()) if per_layer else len(sets)
         tiles = structured_tiles(features_pe, n1, n2, n_out, layout,
                                  torch.empty((), dtype=dtype).element_size(), n_blocks, budget,
@@ -574,11 +676,18 @@ def structured_kernels(
             t_contract, cpu_contract = t_contract + clock() - t1, cpu_contract + cpu() - u1
             bar.update(1)
         bar.close()
+        check_finite(results)
+        t_verify, u_verify = clock(), cpu()
+        if verify:
+            check_kernels(model, inputs[1], inputs.get(2), n1, n2, sets, results, layout,
+                          sum_logits, fn, per_layer)
+        t_verify, u_verify = clock() - t_verify, cpu() - u_verify
         timings = Timings(tile=tile, tile_pairs=len(pairs),
                           captures=captures[0] - captures_before, keep_all=keep_all,
                           setup_seconds=t_capture_start, capture_seconds=t_capture,
                           contract_seconds=t_contract, capture_cpu_seconds=cpu_capture,
-                          contract_cpu_seconds=cpu_contract)
+                          contract_cpu_seconds=cpu_contract, verify_seconds=t_verify,
+                          verify_cpu_seconds=u_verify)
     out: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {}
     for s, blocks in results.items():
         if sum_logits:

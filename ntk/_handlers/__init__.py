@@ -25,8 +25,10 @@ One handler per file (notation in :mod:`ntk._handlers.base`):
 - :mod:`~ntk._handlers.fallback`: any other module owning selected parameters: per-example
   vector-Jacobian products of that module alone, then dot products.
 
-The registry (:data:`HANDLERS`, looked up along the module's MRO) is extended with
-:func:`register_handler`.
+The registry (:data:`HANDLERS`, by exact type, or by a base type whose ``forward`` the
+module keeps) is extended with :func:`register_handler`. Handlers are checked after every
+structured pass (:mod:`ntk._verify`): a handler that does not describe a module is refused,
+never silently wrong.
 """
 
 from __future__ import annotations
@@ -85,13 +87,22 @@ FALLBACK = FallbackHandler()
 
 
 def register_handler(module_type: type[nn.Module], handler: Handler) -> None:
-    """Use ``handler`` for ``module_type`` and its subclasses (unless they have their own)."""
+    """Use ``handler`` for ``module_type`` and for its subclasses that keep its ``forward``."""
     HANDLERS[module_type] = handler
 
 
 def handler_for(module: nn.Module) -> Handler | None:
-    """The registered handler of the first type in ``type(module).__mro__`` (None: fallback)."""
-    for cls in type(module).__mro__:
-        if cls in HANDLERS:
-            return HANDLERS[cls]
+    """The handler registered for the module's exact type, or for the first type in its MRO
+    whose ``forward`` the module still runs unchanged (None: the generic fallback).
+
+    A subclass that overrides ``forward`` (transformers' scaled embeddings multiply by
+    ``embed_scale``; BART's positional embedding takes positions, not token ids) computes
+    something the base handler's formula does not describe, so it goes to the fallback.
+    """
+    cls = type(module)
+    if cls in HANDLERS:
+        return HANDLERS[cls]
+    for base in cls.__mro__[1:]:
+        if base in HANDLERS:
+            return HANDLERS[base] if cls.forward is base.forward else None
     return None

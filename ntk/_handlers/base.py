@@ -51,6 +51,8 @@ class Call:
             None for modules hooked only for their output.
         mode: ``""`` for a batched call, else how its unbatched output was broadcast to the
             batch (``"expand"`` or ``"prepend"``, see :func:`_tokens`).
+        batched: which arguments carry the batch on dimension 0, as seen in the probe runs
+            with two batch sizes (positional flags, keyword flags); None when unknown.
     """
 
     args: tuple[Any, ...]
@@ -58,6 +60,7 @@ class Call:
     output: torch.Tensor
     grad: torch.Tensor | None = None
     mode: str = ""
+    batched: tuple[tuple[bool, ...], dict[str, bool]] | None = None
 
 
 Calls = Mapping[nn.Module, list[Call]]

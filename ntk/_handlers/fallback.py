@@ -12,17 +12,20 @@ from ntk._handlers.base import StructuredError, VectorHandler, batched_vjp
 __all__ = ["FallbackHandler"]
 
 
-def _slice_example(value: Any, a: int, n: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
-        return value[a:a + 1]
-    return value
+def _slice_example(value: Any, a: int, n: int, batched: bool | None) -> Any:
+    """Example ``a`` of an argument that carries the batch on dimension 0 (``batched``, as
+    seen in the probe; None: judged by its shape), else the argument whole."""
+    if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] != n:
+        return value
+    return value[a:a + 1] if batched is None or batched else value
 
 
 class FallbackHandler(VectorHandler):
     """Any module owning selected parameters that no handler covers.
 
     For every call and example ``a``, the module is re-run on the captured inputs of ``a``
-    (tensors whose dimension 0 is the batch are sliced, others passed whole) with its own
+    (arguments that carry the batch on dimension 0 in the probe runs with two batch sizes are
+    sliced, others, e.g. a (T, T) mask, passed whole) with its own
     parameters substituted (``torch.func.functional_call``), and the vector-Jacobian product
     with the captured back-signals ``g[:, a]`` gives the per-example gradients (C, n, P),
     summed over calls; blocks are their dot products. Exact for any module whose computation
@@ -48,8 +51,11 @@ class FallbackHandler(VectorHandler):
             for a in range(n):
                 args, kwargs = call.args, call.kwargs
                 if not call.mode:
-                    args = tuple(_slice_example(v, a, n) for v in args)
-                    kwargs = {k: _slice_example(v, a, n) for k, v in kwargs.items()}
+                    pos, kw = call.batched if call.batched is not None else (None, None)
+                    args = tuple(_slice_example(v, a, n, None if pos is None else pos[i])
+                                 for i, v in enumerate(args))
+                    kwargs = {k: _slice_example(v, a, n, None if kw is None else kw.get(k, False))
+                              for k, v in kwargs.items()}
                 with torch.enable_grad():
                     out = functional_call(module, theta, args, kwargs)
                     if not isinstance(out, torch.Tensor):
