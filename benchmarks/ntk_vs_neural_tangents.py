@@ -75,11 +75,25 @@ NOTES = """## Notes (issue 14 engine work; 1 thread, CPU seconds, machine under 
 - Profile after (encoder full, one call 0.32 s): per-example Gram 0.08 s, per-example
   gradients (``bmm``, inner dimension T = 16) 0.034 s, ghost for ff2 0.046 s, capture
   (forward, C-batched backward, features) 0.07 s, probe and checks ~0.035 s.
-- Floor (table above): the engine is at 2.3x the Gram floor on the MLP and 4.4x on the encoder
-  full kernel, where a third of the time is the capture and probe, which the floor does not
-  count. The 2x target on the encoder's full kernel (0.27 s against neural-tangents' 0.55 s)
-  is missed by ~10%: contractions would have to run at ~2.4x their floor with the capture as
-  it is.
+- Floor (table above): the engine is at about 2x the Gram floor on the MLP's full kernel and
+  4x on the encoder's, where a third of the time is the capture and probe, which the floor
+  does not count. Against neural-tangents the engine alone is 2.0x faster on the encoder's
+  full kernel (float32 and default) and 1.7-1.8x on its trace; the self-check of a few
+  entries against whole gradients (merged from the kernel-correctness work, on by default)
+  takes 0.02 s of the encoder's ~0.27 s, bringing the full kernel to 1.85x, and on the MLP's
+  trace kernel it costs as much as the kernel (C = 10 outputs: 20 backward passes of two
+  examples; 0.07 of 0.14 s), which puts that item at 1.0x instead of 1.5x.
+- MiniLM (Rotten Tomatoes sentences padded to 32 tokens, about 21 kept per example, C = 2,
+  all parameters; floor counted the same way, the cheaper strategy per layer, [CLS]-only rows
+  in the last block): N=32 full kernel 21 G multiply-adds (~0.5 s here); engine 2.75 s CPU
+  without the self-check (capture 1.39 s, contractions 1.02 s, probe), 3.34 s with it (0.60 s),
+  against the jacobian method's 28.2 s in the same session (10.3x engine alone, 8.4x with the
+  self-check; memory 0.32-0.39 of the jacobian's peak, target 0.25: the interpreter, model and
+  self-check gradients are a fixed ~1 GB). Trace kernel N=256: 49.5 s CPU (contractions 37 s)
+  against a floor of 708 G multiply-adds (~18 s); N=1024: floor 10.1 T multiply-adds, ~250 CPU
+  s at this machine's one-thread rate, so the 300 s target would need the engine within 1.2x of
+  its floor; the earlier measured 627 s (2.5x) is where it stands, extrapolating N=256 by N^2
+  gives ~790 s under this load.
 - Left: fusing q, k, v (one input Gram for ghost: ~13% of ghost's products on this shape;
   nothing for materialise), skipping the probe's extra forwards (two small forwards and a
   4-example capture per call) when the model was checked before, a symmetric-rank-k product
