@@ -81,7 +81,13 @@ def kernels(
         ntk._inputs.InputError: malformed or incompatible inputs.
         ntk._problem.KernelOutputError: model outputs not (N, C) or not finite.
         ntk._handlers.StructuredError: a selected parameter cannot be attributed to examples
-            through its layer (tied across layers, or a layer without a batch dimension).
+            through its layer (tied across layers, or a layer without a batch dimension), or
+            the self-check failed: after the pass, a few entries of every result are compared
+            with whole per-example gradients (``ntk._verify``) and a disagreement is refused,
+            never returned (``empirical_ntk(method="auto")`` then falls back to jacobian).
+        ntk._problem.KernelOutputError: also when the kernel has non-finite entries.
+        ValueError: a malformed request (``dtype`` not floating, ``batch_size`` not a positive
+            integer, ``memory_budget`` not a finite positive number).
         ntk._memory.KernelTooLargeError: even one example per tile exceeds the budget.
 
     Example:
