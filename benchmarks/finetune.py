@@ -41,13 +41,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -244,16 +245,6 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(args.methods) - set(METHODS)
     if unknown:
@@ -289,7 +280,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                      "eval_examples": args.eval_examples, "max_examples": args.max_examples,
                      "seeds": args.seeds, "methods": args.methods, "device": args.device,
                      "configs": {n: run_config(args, n, args.seeds[0]).to_dict() for n in args.methods}},
-        "provenance": {**provenance(torch.device(args.device)), "cpu_model": _cpu_model(),
+        "provenance": {**provenance(torch.device(args.device)), "cpu_model": cpu_model(),
                        "cpu_cores": os.cpu_count(), "command": " ".join(sys.argv)},
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import git_commit, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,21 +69,6 @@ def _version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _markdown(res: dict) -> str:
@@ -129,7 +115,7 @@ def main() -> int:
     one, two = runs[:2]
     res = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(), "machine": platform.platform(), "cpus": os.cpu_count(),
+        "git_commit": git_commit(), "machine": platform.platform(), "cpus": os.cpu_count(),
         "processor": platform.processor(), "python": platform.python_version(),
         "torch": _version("torch"), "transformers": _version("transformers"), "numpy": _version("numpy"),
         "setup": (f"MiniLM (all-MiniLM-L6-v2, 2 labels), all parameters, trace kernel, N={args.n} Rotten "
@@ -140,8 +126,8 @@ def main() -> int:
         "note": args.note,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _write(RESULTS / "ntk_distributed.json", json.dumps(res, indent=2) + "\n")
-    _write(RESULTS / "ntk_distributed.md", _markdown(res))
+    write_atomic(RESULTS / "ntk_distributed.json", json.dumps(res, indent=2) + "\n")
+    write_atomic(RESULTS / "ntk_distributed.md", _markdown(res))
     print(_markdown(res))
     return 0 if diff < 1e-4 else 1  # float32 model: 1 vs 2 threads reorder its sums
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _rss import proc_status_kb, reset_peak_rss
+from _common import cpu_model, git_commit, proc_status_kb, reset_peak_rss
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -216,24 +216,6 @@ def _run_subprocess(cfg: Config, case: str, method: str, kernel_path: str) -> di
 # -- provenance and report -------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def provenance(cfg: Config) -> dict[str, Any]:
     import transformers
 
@@ -241,13 +223,12 @@ def provenance(cfg: Config) -> dict[str, Any]:
         else ""
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
+        "git_commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": cfg.threads or torch.get_num_threads(),
         "memory": meminfo,

@@ -24,6 +24,7 @@ Results: ``benchmarks/results/ntk_scaling.{json,md,png,pdf}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -34,6 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import git_commit, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,7 +57,7 @@ def measure(n: int) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from ntk_structured import _minilm
 
-    import ntk._structured as engine
+    from ntk._structured import structured_kernels
     from ntk.kernels import structured_ntk
 
     torch.set_num_threads(THREADS)
@@ -62,12 +65,13 @@ def measure(n: int) -> dict:
     warm = {k: v[:2] for k, v in x.items()}
     structured_ntk(model, warm, params="all", output="trace", dtype=torch.float32)
     start, cpu = time.perf_counter(), time.process_time()
-    k = structured_ntk(model, x, params="all", output="trace", dtype=torch.float32,
-                       memory_budget=BUDGET)
+    result, timings = structured_kernels(model, x, None, {"k": "all"}, output="trace",
+                                         dtype=torch.float32, memory_budget=BUDGET)
+    k = result["k"]
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert isinstance(k, torch.Tensor) and k.shape == (n, n) and bool(torch.isfinite(k).all())
     asym = float((k - k.T).abs().max() / k.abs().max())
-    return {"n": n, "seconds": seconds, "cpu_seconds": cpu, "stats": dict(engine.LAST_STATS),
+    return {"n": n, "seconds": seconds, "cpu_seconds": cpu, "stats": dataclasses.asdict(timings),
             "asymmetry": asym, "diag_mean": float(k.diagonal().mean())}
 
 
@@ -86,12 +90,6 @@ def run_one(n: int) -> dict:
     return json.loads(lines[-1])
 
 
-def _write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def _load() -> dict:
     if JSON.exists():
         return json.loads(JSON.read_text())
@@ -101,11 +99,7 @@ def _load() -> dict:
 def _meta() -> dict:
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "git_commit": commit, "machine": platform.platform(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "dtype": "float32", "output": "trace", "params": "all",
@@ -227,10 +221,10 @@ def main(sizes: list[int], force: bool) -> None:
             continue
         result["runs"][str(n)] = run_one(n)
         print(json.dumps(result["runs"][str(n)]), flush=True)
-        _write(JSON, json.dumps(result, indent=2) + "\n")
-        _write(RESULTS / "ntk_scaling.md", table(result))
+        write_atomic(JSON, json.dumps(result, indent=2) + "\n")
+        write_atomic(RESULTS / "ntk_scaling.md", table(result))
         plot(result)
-    _write(RESULTS / "ntk_scaling.md", table(result))
+    write_atomic(RESULTS / "ntk_scaling.md", table(result))
     plot(result)
 
 
@@ -248,7 +242,7 @@ if __name__ == "__main__":
         print(json.dumps(out))
     elif args.plot_only:
         res = _load()
-        _write(RESULTS / "ntk_scaling.md", table(res))
+        write_atomic(RESULTS / "ntk_scaling.md", table(res))
         plot(res)
     else:
         main(args.n, args.force)

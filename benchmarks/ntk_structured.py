@@ -19,6 +19,7 @@ Results: ``benchmarks/results/ntk_structured.{json,md}`` (written atomically).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import git_commit, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -117,11 +120,18 @@ def measure(name: str) -> dict:
     """Run one measurement in this process; returns seconds and what was computed."""
     import torch
 
+    from ntk._structured import structured_kernels
     from ntk.empirical import empirical_ntk
-    from ntk.kernels import kernels, structured_ntk
 
     torch.set_num_threads(THREADS)
     f32 = torch.float32
+    timings = []
+
+    def engine(params: dict, output: str, **kw) -> dict:
+        result, t = structured_kernels(model, x, None, params, output=output, dtype=f32, **kw)
+        timings.append(t)
+        return result
+
     kind, _, arg = name.partition(":")
     if kind.startswith("mlp"):
         model, x = _mlp()
@@ -136,11 +146,11 @@ def measure(name: str) -> dict:
     warmup = _warm_up(kind, model, x)
     start, cpu = time.perf_counter(), time.process_time()
     if kind == "mlp_structured":
-        k = structured_ntk(model, x, params="all", output="full", dtype=f32)
+        k = engine({"k": "all"}, "full")["k"]
     elif kind == "mlp_jacobian":
         k = empirical_ntk(model, x, params="all", output="full", dtype=f32, method="jacobian")
     elif kind == "minilm_structured":
-        k = structured_ntk(model, x, params="all", output="full", dtype=f32)
+        k = engine({"k": "all"}, "full")["k"]
     elif kind == "minilm_jacobian":
         k = empirical_ntk(model, x, params="all", output="full", dtype=f32, method="jacobian")
     elif kind == "floor":  # one forward and the C-output backward to every layer output
@@ -155,23 +165,18 @@ def measure(name: str) -> dict:
             torch.autograd.grad(out, h["e"], cot, is_grads_batched=True)
         k = out
     elif kind == "prop_structured":
-        k = structured_ntk(model, x, params="propulsion", output="full", dtype=f32)
+        k = engine({"k": "propulsion"}, "full")["k"]
     elif kind == "prop_full":
-        k = structured_ntk(model, x, params="all", output="full", dtype=f32)
+        k = engine({"k": "all"}, "full")["k"]
     elif kind == "both_structured":
-        k = kernels(model, x, params={"full": "all", "propulsion": "propulsion"},
-                    output="full", dtype=f32)["full"]
+        k = engine({"full": "all", "propulsion": "propulsion"}, "full")["full"]
     elif kind == "scale_structured":
-        k = structured_ntk(model, x, params="all", output="trace", dtype=f32,
-                           memory_budget=6 * 2**30)
+        k = engine({"k": "all"}, "trace", memory_budget=6 * 2**30)["k"]
     else:
         raise ValueError(name)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert isinstance(k, torch.Tensor) and bool(torch.isfinite(k).all())
-    import ntk._structured as engine
-
-    uses_engine = kind.endswith("structured") or kind == "prop_full"
-    stats = dict(engine.LAST_STATS) if uses_engine else {}
+    stats = dataclasses.asdict(timings[-1]) if timings else {}
     return {"name": name, "seconds": seconds, "cpu_seconds": cpu, "warmup_seconds": warmup,
             "shape": list(k.shape),
             "stats": stats,
@@ -219,20 +224,6 @@ def run_one(name: str) -> dict:
     return json.loads(lines[-1])
 
 
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(max_n: int, names: list[str] | None = None) -> dict:
     import torch
     import transformers
@@ -249,7 +240,7 @@ def main(max_n: int, names: list[str] | None = None) -> dict:
         print(json.dumps(runs[name]), flush=True)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": _git(), "machine": platform.platform(), "cpus": os.cpu_count(),
+        "git_commit": git_commit(), "machine": platform.platform(), "cpus": os.cpu_count(),
         "processor": platform.processor(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "device": "cpu", "dtype": "float32", "torch_threads": THREADS,
@@ -257,8 +248,8 @@ def main(max_n: int, names: list[str] | None = None) -> dict:
     }
     result = {"meta": meta, "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _write(RESULTS / "ntk_structured.json", json.dumps(result, indent=2) + "\n")
-    _write(RESULTS / "ntk_structured.md", _table(result))
+    write_atomic(RESULTS / "ntk_structured.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(RESULTS / "ntk_structured.md", _table(result))
     return result
 
 
@@ -324,7 +315,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.md_only:
-        _write(RESULTS / "ntk_structured.md", _table(json.loads((RESULTS / "ntk_structured.json")
+        write_atomic(RESULTS / "ntk_structured.md", _table(json.loads((RESULTS / "ntk_structured.json")
                                                                 .read_text())))
     elif args.one:
         out = measure(args.one)

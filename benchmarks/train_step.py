@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _rss import proc_status_kb, reset_peak_rss
+from _common import cpu_model, git_commit, load_average, proc_status_kb, reset_peak_rss
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = str(REPO / "benchmarks" / "results")
@@ -452,29 +452,8 @@ def _structure(model: torch.nn.Module) -> list[tuple]:
 # ---------------------------------------------------------------------------------------------
 # provenance, report, files
 # ---------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+    return load_average() or None
 
 
 def provenance(cfg: Config) -> dict[str, Any]:
@@ -488,18 +467,16 @@ def provenance(cfg: Config) -> dict[str, Any]:
             meminfo[key] = value.strip()
     except OSError:
         pass
-    status = _git("status", "--porcelain")
     info: dict[str, Any] = {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu_model": _cpu_model(), "cpu_cores": os.cpu_count(),
+        "machine": {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
                     "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                     else None, "memory": meminfo.get("MemTotal"), "platform": platform.platform()},
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        "git_commit": git_commit(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "device": cfg.device,

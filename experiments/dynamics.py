@@ -50,6 +50,7 @@ from experiments.records import read_json, verify_file, write_bytes, write_json
 from ntk import metrics
 from ntk._params import ParamSelector
 from ntk._problem import default_output_fn
+from ntk.reference import reference_jacobians
 from propulsion.model import propulsion_layers
 
 __all__ = [
@@ -135,33 +136,17 @@ class ProbeSet:
 # --------------------------------------------------------------------------------------------
 # Jacobians
 # --------------------------------------------------------------------------------------------
-def _example(x: Mapping[str, torch.Tensor], a: int) -> dict[str, torch.Tensor]:
-    return {k: v[a: a + 1] for k, v in x.items()}
-
-
 def jacobian(model: nn.Module, x: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     """``J[a, c, p] = d f_c(x_a) / d theta_p`` over the named parameters at their live values.
 
-    One forward and C backward passes per example (eval mode), parameters flattened and
-    concatenated in ``names`` order. Returns ``(N, C, P)`` in the parameters' dtype.
+    The reference loop :func:`ntk.reference.reference_jacobians` (one forward and C backward
+    passes per example, eval mode), parameters flattened and concatenated in ``names`` order.
+    Returns ``(N, C, P)`` in the parameters' dtype.
     """
     live = dict(model.named_parameters())
-    n = next(iter(x.values())).shape[0]
-    rows = []
-    with eval_mode(model), torch.enable_grad():
-        for a in range(n):
-            theta = {k: live[k].detach().requires_grad_(True) for k in names}
-            out = logits_of(functional_call(model, theta, (), _example(x, a)))[0]
-            per_class = []
-            for c in range(out.shape[0]):
-                grads = torch.autograd.grad(out[c], list(theta.values()), retain_graph=True,
-                                            allow_unused=True)
-                per_class.append(torch.cat([
-                    (g if g is not None else torch.zeros_like(t)).reshape(-1)
-                    for g, t in zip(grads, theta.values(), strict=True)
-                ]))
-            rows.append(torch.stack(per_class))
-    return torch.stack(rows)
+    with eval_mode(model):
+        parts = reference_jacobians(model, dict(x), names, logits_of)
+    return torch.cat([parts[k] for k in names], dim=2).to(live[names[0]].dtype)
 
 
 def _rademacher(shapes: list[tuple[torch.Size, torch.dtype, torch.device]], seed: int, s: int

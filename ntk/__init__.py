@@ -10,14 +10,15 @@ kernel predictors.
     torch.Size([4, 4])
 """
 
-from ntk import metrics, predict, tiles
-from ntk._handlers import StructuredError, register_handler
+from ntk import metrics, predict, reference, tiles
+from ntk._handlers import Handler, StructuredError, register_handler
 from ntk._inputs import InputError
 from ntk._memory import KernelTooLargeError, default_budget
 from ntk._params import SELECTORS, ParameterSelectionError, select_parameters
 from ntk._problem import OUTPUTS, KernelOutputError
 from ntk.empirical import METHODS, empirical_ntk
 from ntk.kernels import kernels, structured_ntk
+from ntk.reference import reference_ntk
 from ntk.tiles import TileError, assemble_kernel, compute_tiles, tiled_ntk
 
 __all__ = [
@@ -27,7 +28,12 @@ __all__ = [
     "empirical_ntk",
     "kernels",
     "structured_ntk",
+    # per-layer handlers of the structured engine
+    "Handler",
     "register_handler",
+    # the slow exact reference, for checking (module and function)
+    "reference",
+    "reference_ntk",
     # metrics and kernel predictors (modules)
     "metrics",
     "predict",

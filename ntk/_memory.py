@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ntk import _jacobian, _ntk_vp
+from ntk._handlers.base import CHUNK_ELEMENTS
 
 __all__ = [
     "CPU_FRACTION",
@@ -38,9 +39,12 @@ __all__ = [
     "KernelTooLargeError",
     "Plan",
     "Profile",
+    "StructuredTiles",
     "default_budget",
+    "pair_counts",
     "plan",
     "profile",
+    "structured_tiles",
     "tile_pairs",
 ]
 
@@ -158,6 +162,24 @@ def tile_pairs(
     return [(c, [r for r in rows if not symmetric or r[0] < c[1]]) for c in cols]
 
 
+def pair_counts(n1: int, n2: int, tile: int, symmetric: bool) -> tuple[int, int, int]:
+    """``(tile pairs, kernel entries, row examples re-differentiated)`` of :func:`tile_pairs`,
+    in closed form (O(1), the planner must stay cheap at large N).
+
+    With ``m = ceil(n / t)`` tiles, the last of ``l = n - (m - 1) t`` examples, the symmetric
+    triangle has ``m (m + 1) / 2`` pairs, ``(n^2 + (m - 1) t^2 + l^2) / 2`` entries and
+    ``t m (m - 1) / 2`` row examples off the diagonal; otherwise ``m1 m2`` pairs, ``n1 n2``
+    entries and ``m2 n1`` row examples.
+    """
+    if symmetric:
+        m = -(-n1 // tile)
+        last = n1 - (m - 1) * tile
+        return m * (m + 1) // 2, (n1 * n1 + (m - 1) * tile * tile + last * last) // 2, \
+            tile * m * (m - 1) // 2
+    m1, m2 = -(-n1 // tile), -(-n2 // tile)
+    return m1 * m2, n1 * n2, m2 * n1
+
+
 def _groups(numels: dict[str, int], cap: int) -> list[list[str]]:
     """Consecutive parameter tensors packed greedily into groups of at most ``cap`` entries."""
     groups: list[list[str]] = []
@@ -205,9 +227,7 @@ def _estimate(
     rows, cols = min(tile, n1), min(tile, n2)
     block = rows * cols * per_pair * (layers + 1)
     p_group = max(sum(prof.numels[k] for k in g) for g in groups)
-    pairs = tile_pairs(n1, n2, tile, symmetric)
-    entries = sum((c1 - c0) * (r1 - r0) for (c0, c1), rs in pairs for (r0, r1) in rs)
-    n_tiles = sum(len(rs) for _, rs in pairs)
+    n_tiles, entries, rebuilt = pair_counts(n1, n2, tile, symmetric)
     overhead = TILE_OVERHEAD_FLOPS * n_tiles * len(groups)
     # every tile pair reads the column tile's Jacobian or directions (and the row tile's
     # Jacobian for "jacobian"): cols * C * P entries per side
@@ -217,8 +237,6 @@ def _estimate(
     g = len(groups)
     if method == "jacobian":
         peak = _jacobian.peak_bytes(*args)
-        rebuilt = sum(r1 - r0 for (c0, c1), rs in pairs for (r0, r1) in rs
-                      if not (symmetric and (r0, r1) == (c0, c1)))
         cost = _jacobian.flops(entries, c, prof.n_params, prof.flops, layout, g * (n2 + rebuilt))
     else:
         peak = _ntk_vp.peak_bytes(*args)
@@ -293,3 +311,50 @@ def plan(
             "is there."
         )
     return best
+
+
+# -- the structured engine ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StructuredTiles:
+    """The structured engine's tiling: ``tile`` examples per tile; ``keep_all``: the features
+    of every tile stay in memory (otherwise tiles are re-captured when needed)."""
+
+    tile: int
+    keep_all: bool
+
+
+def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: str,
+                     acc_bytes: int, n_blocks: int, budget: float, symmetric: bool,
+                     max_tile: int | None) -> StructuredTiles:
+    """Tile size of the structured engine from the measured feature bytes per example.
+
+    Per example of a tile: its features ``features_pe`` and about as much again for the
+    capture's graph. The kernels take ``n1 n2 q acc_bytes (n_blocks + 1)`` bytes (``q`` = C^2,
+    C or 1 by layout); contraction intermediates are chunked to :data:`CHUNK_ELEMENTS` entries
+    (three such chunks). Two tiles take half the room left; all tiles' features are kept when
+    they fit in the other half.
+
+    Raises:
+        KernelTooLargeError: even one example per tile does not fit the budget.
+    """
+    per_example = 2 * features_pe
+    q = {"full": n_out * n_out, "diagonal": n_out, "trace": 1}[layout]
+    kernel_bytes = n1 * n2 * q * acc_bytes * (n_blocks + 1)
+    work = CHUNK_ELEMENTS * acc_bytes * 3
+    room = budget - kernel_bytes - work
+    if room < 2 * per_example:
+        raise KernelTooLargeError(
+            f"structured kernels: even one example per tile needs about "
+            f"{(kernel_bytes + work + 2 * per_example) / GiB:.3g} GiB (kernel "
+            f"{kernel_bytes / GiB:.3g} GiB, captures {per_example / GiB:.3g} GiB per example,"
+            f" contraction chunks {work / GiB:.3g} GiB), over the memory budget of "
+            f"{budget / GiB:.3g} GiB. Select fewer parameters, ask for output='trace', use "
+            "fewer examples, or raise memory_budget."
+        )
+    tile = max(1, min(max(n1, n2), int(room // (4 * per_example))))  # half the room
+    if max_tile is not None:
+        tile = min(tile, max_tile)
+    keep_all = features_pe * (n1 + (0 if symmetric else n2)) <= room / 2
+    return StructuredTiles(tile, keep_all)

@@ -7,7 +7,8 @@ the whole question (all weights for full fine-tuning, the ``z`` vectors for Prop
 
 The tensors are the model's own storage (``detach()`` shares memory, copies nothing) and they are
 read from ``model.named_parameters()`` at every call. No dict is ever cached between calls: a
-copy taken before training and reused after it is the trap of ``shared/science.md`` section 5.
+copy taken before training and reused after it would silently give the kernel of the initial
+weights (the stale-parameter trap; see the theory page of the docs, docs/theory.md).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ Layouts of a kernel block between ``n1`` and ``n2`` examples (C outputs):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ntk._inputs import Inputs, Mapper, call_model
+from ntk._inputs import InputError, Inputs, Mapper, call_model, take
 
 __all__ = [
+    "check_request",
+    "probe_forward",
     "LAYOUTS",
     "OUTPUTS",
     "KernelOutputError",
@@ -55,6 +58,55 @@ def default_output_fn(out: Any) -> torch.Tensor:
 def layout_of(output: str) -> str:
     """The block layout computed for an output reduction (``sum_logits`` is ``full`` with C=1)."""
     return "full" if output == "sum_logits" else output
+
+
+def check_request(output: str, dtype: Any, batch_size: Any, memory_budget: Any) -> None:
+    """Refuse a malformed request with a sentence saying what was wrong.
+
+    Raises:
+        ValueError: unknown ``output``; ``dtype`` not a floating torch dtype; ``batch_size``
+            not a positive integer or None; ``memory_budget`` not a finite positive number of
+            bytes or None.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output reduction {output!r}; use one of {list(OUTPUTS)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float64, got "
+                         f"{dtype!r}")
+    if batch_size is not None and (isinstance(batch_size, bool)
+                                   or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (examples per tile) or None, "
+                         f"got {batch_size!r}")
+    if memory_budget is not None and (
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
+            or not math.isfinite(memory_budget) or memory_budget <= 0):
+        raise ValueError(f"memory_budget must be a finite positive number of bytes (e.g. 8e9) "
+                         f"or None for a share of the free memory, got {memory_budget!r}")
+
+
+def probe_forward(model: nn.Module, x: Inputs, which: str) -> None:
+    """Run the model (eval mode, no grad) on the first example of ``x``; turn a failure into
+    an :class:`~ntk._inputs.InputError` that says what to check."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, {}, take(x, 0, 1))
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = next(model.parameters(), None)
+        expects = "" if first is None else f" (its parameters are {first.dtype})"
+        shapes = (tuple(x.shape) if isinstance(x, torch.Tensor)
+                  else {k: (tuple(v.shape), v.dtype) for k, v in x.items()})
+        raise InputError(
+            f"the model cannot run on the first example of {which} ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); {which} is {shapes}"
+            f"{', ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}: check that the "
+            f"inputs have the feature size and dtype the model expects{expects} and carry "
+            "the batch on dimension 0"
+        ) from exc
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def transpose_block(block: torch.Tensor, layout: str) -> torch.Tensor:

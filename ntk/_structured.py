@@ -29,9 +29,10 @@ result unchanged when the output is broadcast against the batch, and makes the b
 per-example. Modules whose inputs carry no batch dimension at all raise
 :class:`ntk._handlers.StructuredError`.
 
-Memory: a probe tile measures the bytes of features per example; tiles are sized so that two
-tiles' features and the contraction chunks fit the budget, features of all tiles are kept when
-they fit in half the budget, otherwise tiles are re-captured when needed.
+Memory: a probe tile measures the bytes of features per example; tiles are sized by
+:func:`ntk._memory.structured_tiles` so that two tiles' features and the contraction chunks
+fit the budget; features of all tiles are kept when they fit in half the budget, otherwise
+tiles are re-captured when needed.
 """
 
 from __future__ import annotations
@@ -48,36 +49,58 @@ import torch
 from torch import nn
 
 from ntk._handlers import (
-    CHUNK_ELEMENTS,
     FALLBACK,
     STRATEGIES,
     Call,
     Handler,
     StructuredError,
-    _batched_vjp,
+    batched_vjp,
     handler_for,
 )
 from ntk._inputs import Inputs, call_model, example_counts, take, to_device
-from ntk._memory import KernelTooLargeError, default_budget, tile_pairs
+from ntk._memory import default_budget, structured_tiles, tile_pairs
 from ntk._params import ParamSelector, select_parameters
 from ntk._problem import (
-    OUTPUTS,
     KernelOutputError,
     check_output,
+    check_request,
     default_output_fn,
     layout_of,
+    probe_forward,
     transpose_block,
 )
+from ntk._verify import check_finite
+from ntk._verify import verify as check_kernels
 
-__all__ = ["Assignment", "assign", "capture", "structured_kernels"]
+__all__ = ["Assignment", "Timings", "assign", "capture", "structured_kernels"]
 
-GiB = 2**30
 PROBE_EXAMPLES = 4
-LAST_STATS: dict[str, Any] = {}
-"""Timings of the last :func:`structured_kernels` call (for benchmarks): ``tile``,
-``tile_pairs``, ``captures`` (forward and backward passes over a tile), ``keep_all``,
-``setup_seconds`` (probe), ``capture_seconds`` (captures and features), ``contract_seconds``,
-and the process CPU seconds of the last two (``capture_cpu_seconds``, ``contract_cpu_seconds``)."""
+
+
+@dataclass(frozen=True)
+class Timings:
+    """How a :func:`structured_kernels` call went (for benchmarks).
+
+    Attributes:
+        tile: examples per tile; tile_pairs: pairs contracted; captures: forward and backward
+            passes over a tile; keep_all: every tile's features were kept in memory.
+        setup_seconds: the probe (modes, memory plan); capture_seconds: captures and features;
+        contract_seconds: pairwise contractions; capture_cpu_seconds, contract_cpu_seconds:
+            the process CPU seconds of the last two; verify_seconds, verify_cpu_seconds: the
+            check of a few entries against whole gradients (:mod:`ntk._verify`).
+    """
+
+    tile: int
+    tile_pairs: int
+    captures: int
+    keep_all: bool
+    setup_seconds: float
+    capture_seconds: float
+    contract_seconds: float
+    capture_cpu_seconds: float
+    contract_cpu_seconds: float
+    verify_seconds: float = 0.0
+    verify_cpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +208,21 @@ def assign(model: nn.Module, selected: list[str]) -> list[Assignment]:
     return out
 
 
+class InPlaceError(StructuredError):
+    """A hooked module's input or output was changed in place later in the forward."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        names = sorted({type(m).__name__ for m in modules})
+        super().__init__(
+            f"the output or input of {names} is changed in place later in the forward (e.g. "
+            "ReLU(inplace=True), out += identity); the structured engine clones these calls"
+        )
+
+
+Batched = Mapping[nn.Module, list[tuple[tuple[bool, ...], dict[str, bool]]]]
+
+
 def capture(
     model: nn.Module,
     assignments: list[Assignment],
@@ -193,6 +231,8 @@ def capture(
     output_fn: Callable[[Any], torch.Tensor],
     sum_logits: bool,
     modes: Mapping[nn.Module, str] | None = None,
+    batched: Batched | None = None,
+    clone: set[nn.Module] | None = None,
 ) -> tuple[dict[nn.Module, list[Call]], torch.Tensor]:
     """One forward with hooks and one backward batched over outputs; see the module docstring.
 
@@ -204,14 +244,25 @@ def capture(
     ``modes`` gives, for modules whose calls carry no batch dimension (found by
     :func:`unbatched_modules`), how their output is broadcast to the ``n`` examples:
     ``"expand"`` (a leading dimension of 1 becomes n, else as prepend) or ``"prepend"`` (a new
-    leading dimension n).
+    leading dimension n). ``batched`` gives, per module and call, which arguments carry the
+    batch (from :func:`unbatched_modules`). For the modules in ``clone`` the recorded inputs
+    are copies and the forward continues with a copy of the output, so in-place changes later
+    in the forward reach neither the recorded values nor the back-signal (which is taken at
+    the output before the change).
+
+    Raises:
+        InPlaceError: a recorded input or output of a module not in ``clone`` was changed in
+            place (its version counter moved) before the backward.
     """
     modes = modes or {}
+    batched = batched or {}
+    clone = clone or set()
     need: dict[nn.Module, bool] = {}
     for a in assignments:
         for m, wants_grad in a.handler.hooks(a.module):
             need[m] = need.get(m, False) or wants_grad
     calls: dict[nn.Module, list[Call]] = {m: [] for m in need}
+    versions: list[tuple[nn.Module, torch.Tensor, int]] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not isinstance(output, torch.Tensor):
@@ -222,11 +273,24 @@ def capture(
                 )
             return None
         out = output
-        if need[module] and out.is_floating_point() and not out.requires_grad:
+        leaf = need[module] and out.is_floating_point() and not out.requires_grad
+        if leaf:  # a leaf of our own: the forward goes on with a copy (in-place safe)
             out = out.detach().requires_grad_(True)
         mode = modes.get(module, "")
         out = _broadcast(out, n, mode)
-        calls[module].append(Call(args, kwargs, out, mode=mode))
+        flags = batched.get(module, [])
+        index = len(calls[module])
+        if module in clone:
+            args = tuple(_copy(v) for v in args)
+            kwargs = {k: _copy(v) for k, v in kwargs.items()}
+        call = Call(args, kwargs, out, mode=mode,
+                    batched=flags[index] if index < len(flags) else None)
+        calls[module].append(call)
+        if module in clone or leaf:
+            return out.clone()
+        for t in (out, *args, *kwargs.values()):
+            if isinstance(t, torch.Tensor):
+                versions.append((module, t, t._version))
         return out if out is not output else None
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in need]
@@ -234,6 +298,9 @@ def capture(
         theta = {k: v.detach() for k, v in model.named_parameters()}
         with torch.enable_grad():
             f = output_fn(call_model(model, theta, x))
+            changed = list(dict.fromkeys(m for m, t, v in versions if t._version != v))
+            if changed:
+                raise InPlaceError(changed)
             check_output(f, n)
             if not bool(torch.isfinite(f).all()):
                 raise KernelOutputError("the model outputs are not finite (NaN or inf)")
@@ -246,7 +313,7 @@ def capture(
             if f.requires_grad and targets:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    grads = _batched_vjp(f, [c.output for c in targets], cot)
+                    grads = batched_vjp(f, [c.output for c in targets], cot)
             else:
                 grads = [torch.zeros(n_out, *c.output.shape, dtype=c.output.dtype,
                                      device=c.output.device) for c in targets]
@@ -261,6 +328,10 @@ def capture(
         for h in handles:
             h.remove()
     return calls, f.detach()
+
+
+def _copy(v: Any) -> Any:
+    return v.detach().clone() if isinstance(v, torch.Tensor) else v
 
 
 def _detach(v: Any) -> Any:
@@ -289,25 +360,35 @@ def _repeat_first(x: Inputs, n: int) -> Inputs:
 
 
 def unbatched_modules(model: nn.Module, modules: list[nn.Module], x: Inputs,
-                      rule: str) -> list[nn.Module]:
-    """Hooked modules whose output's dimension 0 does not follow the batch size.
+                      rule: str) -> tuple[list[nn.Module], dict[nn.Module, list]]:
+    """Hooked modules whose output's dimension 0 does not follow the batch size, and which
+    arguments of every call do.
 
     Runs the model (no grad) on the first example repeated 2 and 3 times; a module is
     unbatched when some call's output has dimension 0 different from the batch size. Such an
     output is broadcast by ``rule`` (:func:`_broadcast`) before the forward continues, as in
-    :func:`capture`, so a wrapper around an unbatched layer is seen batched.
+    :func:`capture`, so a wrapper around an unbatched layer is seen batched. An argument is
+    batched when its dimension 0 is the batch size in both runs (a (T, T) mask is not, even
+    when T equals a tile size); returned per module and call as (positional flags, keyword
+    flags).
     """
     bad: set[nn.Module] = set()
     size = [0]
+    seen: dict[int, dict[nn.Module, list]] = {2: {}, 3: {}}
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    def flag(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == size[0]
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        seen[size[0]].setdefault(module, []).append(
+            (tuple(flag(v) for v in args), {k: flag(v) for k, v in kwargs.items()}))
         if isinstance(output, torch.Tensor) and (output.ndim == 0 or output.shape[0] != size[0]
                                                  or module in bad):
             bad.add(module)
             return _broadcast(output, size[0], rule)
         return None
 
-    handles = [m.register_forward_hook(hook) for m in modules]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
     try:
         with torch.no_grad():
             for n in (2, 3):
@@ -316,7 +397,17 @@ def unbatched_modules(model: nn.Module, modules: list[nn.Module], x: Inputs,
     finally:
         for h in handles:
             h.remove()
-    return [m for m in modules if m in bad]
+    batched: dict[nn.Module, list] = {}
+    for m, two in seen[2].items():
+        three = seen[3].get(m, [])
+        if len(three) != len(two):
+            continue  # calls differ with the batch size: judged by shape (and verified)
+        batched[m] = [
+            (tuple(p and q for p, q in zip(a2, a3, strict=False)),
+             {k: v and k3.get(k, False) for k, v in k2.items()})
+            for (a2, k2), (a3, k3) in zip(two, three, strict=True)
+        ]
+    return [m for m in modules if m in bad], batched
 
 
 @contextlib.contextmanager
@@ -335,16 +426,31 @@ def _kernel_mode(model: nn.Module) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _choose_modes(
+@dataclass
+class Probe:
+    """What the probe found out about the model (see :func:`_probe`).
+
+    Attributes:
+        modes: unbatched hooked module -> how its output broadcasts to the batch.
+        batched: hooked module -> per call, which arguments carry the batch.
+        clone: modules whose calls are copied (their input or output is changed in place).
+        calls: the probe's captured calls; n_out: C, the number of outputs.
+    """
+
+    modes: dict[nn.Module, str]
+    batched: dict[nn.Module, list]
+    clone: set[nn.Module]
+    calls: dict[nn.Module, list[Call]]
+    n_out: int
+
+
+def _probe(
     model: nn.Module, assignments: list[Assignment], x: Inputs, n: int,
     fn: Callable[[Any], torch.Tensor], sum_logits: bool,
-) -> tuple[dict[nn.Module, str], dict[nn.Module, list[Call]], int]:
+) -> Probe:
     """How unbatched hooked modules broadcast: the first rule whose hooked forward on the probe
-    examples reproduces the plain forward ("expand", then "prepend").
-
-    Returns:
-        ``(modes, calls, C)``: the modes, the probe's captured calls under them, the number
-        of outputs.
+    examples reproduces the plain forward ("expand", then "prepend"); which arguments are
+    batched; which modules' calls must be copied because the forward changes them in place.
 
     Raises:
         StructuredError: neither rule reproduces the model's outputs.
@@ -355,18 +461,28 @@ def _choose_modes(
             plain = plain.sum(-1, keepdim=True)
     errors = []
     names: list[str] = []
+    hooked = _hooked(assignments)
     for rule in ("expand", "prepend"):
+        clone: set[nn.Module] = set()
         try:
-            unbatched = unbatched_modules(model, _hooked(assignments), x, rule)
+            unbatched, batched = unbatched_modules(model, hooked, x, rule)
             names = [type(m).__name__ for m in unbatched]
             modes = {m: rule for m in unbatched}
-            calls, f = capture(model, assignments, x, n, fn, sum_logits, modes)
+            for _ in range(len(hooked) + 1):
+                try:
+                    calls, f = capture(model, assignments, x, n, fn, sum_logits, modes,
+                                       batched, clone)
+                    break
+                except InPlaceError as err:
+                    clone.update(err.modules)
+            else:
+                raise StructuredError("internal: in-place changes not resolved by copies")
         except (RuntimeError, StructuredError) as err:
             errors.append(f"{rule or 'batched'}: {type(err).__name__}: {str(err)[:200]}")
             continue
         scale = max(float(plain.abs().max()), 1e-30)
         if f.shape == plain.shape and float((f - plain).abs().max()) <= 1e-6 * scale:
-            return modes, calls, int(f.shape[1])
+            return Probe(modes, batched, clone, calls, int(f.shape[1]))
         errors.append(f"{rule or 'batched'}: outputs differ from the plain forward")
     raise StructuredError(
         "the structured engine could not reproduce the model's outputs with its hooks "
@@ -384,13 +500,41 @@ def _contract(a: Assignment, fr: Any, fc: Any, layout: str, strategy: str,
     if fr is None or fc is None:  # the module was not called: zero blocks
         return
     (r0, r1), (c0, c1) = rows, cols
-    for local, block in a.handler.blocks(a.module, fr, fc, a.names, layout, strategy).items():
+    blocks = a.handler.blocks(a.module, fr, fc, a.names, layout, strategy)
+    names = [a.full[local] for local in blocks]
+    if not per_layer and len(blocks) > 1 and all(membership[n] == membership[names[0]]
+                                                 for n in names):
+        # One layer's blocks (weight and bias) summed in their own precision, then one addition
+        # into each kernel: the per-layer accumulation, half the passes over a large kernel.
+        parts = list(blocks.values())
+        acc = parts[0] + parts[1]  # a new tensor: the handler's blocks are left as they are
+        for part in parts[2:]:
+            acc += part
+        blocks = {next(iter(blocks)): acc}
+    for local, block in blocks.items():
         name = a.full[local]
         for s in membership[name]:
             dest = results[s][name if per_layer else "total"]
             dest[r0:r1, c0:c1] += block
             if symmetric and rows != cols:
                 dest[c0:c1, r0:r1] += transpose_block(block, layout)
+
+
+def product_dtype(dtype: torch.dtype, params: list[torch.dtype]) -> torch.dtype:
+    """The dtype of the features and of the products that form each layer's block.
+
+    Kernels are returned in ``dtype``; the products are taken in the precision of the selected
+    parameters when that is lower (a float32 model asked for float64 kernels: float32
+    products), but never below float32. The layers' blocks of one tile pair are summed in that
+    precision and added to the ``dtype`` kernel (with ``per_layer``, each layer's block). The
+    captured features of a float32 model are float32 numbers with float32 rounding already,
+    so float64 products would buy little accuracy (the kernel's error stays at the float32
+    level, about 1e-6 relative) at up to twice the time; a float64 model gets float64 products
+    (agreement to 1e-10).
+    """
+    if dtype != torch.float64 or any(d == torch.float64 for d in params):
+        return dtype
+    return torch.float32
 
 
 def _nbytes(obj: Any) -> int:
@@ -419,16 +563,17 @@ def structured_kernels(
     strategy: str = "auto",
     progress: bool = False,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
-    """Kernels of several parameter sets from one capture per tile (see :func:`ntk.kernels`)."""
-    if output not in OUTPUTS:
-        raise ValueError(f"unknown output {output!r}; use one of {OUTPUTS}")
+    verify: bool = True,
+) -> tuple[dict[str, torch.Tensor | dict[str, torch.Tensor]], Timings]:
+    """Kernels of several parameter sets from one capture per tile (see :func:`ntk.kernels`),
+    and the :class:`Timings` of the call. ``verify``: check a few entries of every result
+    against whole per-example gradients (:func:`ntk._verify.verify`; only benchmarks turn
+    it off)."""
+    check_request(output, dtype, batch_size_, memory_budget)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
     if not params:
         raise ValueError("params must name at least one parameter set, e.g. {'full': 'all'}")
-    if batch_size_ is not None and batch_size_ < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size_}")
     n1, n2 = example_counts(x1, x2)
     symmetric = x2 is None
     first = next(model.parameters(), None)
@@ -437,6 +582,7 @@ def structured_kernels(
     union_set = {n for names in sets.values() for n in names}
     selected = [n for n, _ in model.named_parameters() if n in union_set]
     assignments = assign(model, selected)
+    named = dict(model.named_parameters())
     layout = layout_of(output)
     sum_logits = output == "sum_logits"
     fn = output_fn or default_output_fn
@@ -444,54 +590,42 @@ def structured_kernels(
     inputs = {1: to_device(x1, device)}
     if x2 is not None:
         inputs[2] = to_device(x2, device)
+    for which, x in inputs.items():
+        probe_forward(model, x, f"x{which}")
 
-    modes: dict[nn.Module, str] = {}
+    probe: Probe | None = None
+
+    work = product_dtype(dtype, [named[n].dtype for n in selected])
 
     def prepare(calls: dict[nn.Module, list[Call]], n: int) -> list[Any]:
         with torch.no_grad():
-            return [a.handler.prepare(a.module, calls, n, a.names, dtype) for a in assignments]
+            return [a.handler.prepare(a.module, calls, n, a.names, work) for a in assignments]
 
     captures = [0]
 
     def features(which: int, start: int, stop: int) -> list[Any]:
         captures[0] += 1
+        assert probe is not None
         calls, _ = capture(model, assignments, take(inputs[which], start, stop), stop - start,
-                           fn, sum_logits, modes)
+                           fn, sum_logits, probe.modes, probe.batched, probe.clone)
         return prepare(calls, stop - start)
 
     started = time.perf_counter()
     with _kernel_mode(model):
         probe_n = min(PROBE_EXAMPLES, n1)
-        found, probe_calls, n_out = _choose_modes(model, assignments, take(inputs[1], 0, probe_n),
-                                                  probe_n, fn, sum_logits)
-        modes.update(found)
+        probe = _probe(model, assignments, take(inputs[1], 0, probe_n), probe_n, fn, sum_logits)
+        probe_calls, n_out = probe.calls, probe.n_out
         _check_uncalled(model, assignments, probe_calls, take(inputs[1], 0, probe_n), fn)
-        # Per example of a tile: its features and about as much again for the capture's graph
-        # (contraction intermediates, materialised per-example gradients included, are
-        # chunked to CHUNK_ELEMENTS entries: ``work`` below).
+        # Per example of a tile: its features and about as much again for the capture's graph.
         features_pe = max(1, _nbytes(prepare(probe_calls, probe_n))) / probe_n
         del probe_calls
-        per_example = 2 * features_pe
-        q = {"full": n_out * n_out, "diagonal": n_out, "trace": 1}[layout]
-        acc = torch.empty((), dtype=dtype).element_size()
+        probe.calls = {}
         n_blocks = sum(len(v) for v in sets.values()) if per_layer else len(sets)
-        kernel_bytes = n1 * n2 * q * acc * (n_blocks + 1)
-        work = CHUNK_ELEMENTS * acc * 3
-        room = budget - kernel_bytes - work
-        if room < 2 * per_example:
-            raise KernelTooLargeError(
-                f"structured kernels: even one example per tile needs about "
-                f"{(kernel_bytes + work + 2 * per_example) / GiB:.3g} GiB (kernel "
-                f"{kernel_bytes / GiB:.3g} GiB, captures {per_example / GiB:.3g} GiB per example,"
-                f" contraction chunks {work / GiB:.3g} GiB), over the memory budget of "
-                f"{budget / GiB:.3g} GiB. Select fewer parameters, ask for output='trace', use "
-                "fewer examples, or raise memory_budget."
-            )
-        tile = max(1, min(max(n1, n2), int(room // (4 * per_example))))  # half the room
-        if batch_size_ is not None:
-            tile = min(tile, batch_size_)
+        tiles = structured_tiles(features_pe, n1, n2, n_out, layout,
+                                 torch.empty((), dtype=dtype).element_size(), n_blocks, budget,
+                                 symmetric, batch_size_)
+        tile, keep_all = tiles.tile, tiles.keep_all
         total_tiles = -(-n1 // tile) + (0 if symmetric else -(-n2 // tile))
-        keep_all = features_pe * (n1 + (0 if symmetric else n2)) <= room / 2
         cache: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()
         capacity = total_tiles if keep_all else 2
 
@@ -523,24 +657,43 @@ def structured_kernels(
             frow = get(1, (r0, r1))
             fcol = get(1 if symmetric else 2, (c0, c1))
             t1, u1 = clock(), cpu()
-            for a, fr, fc in zip(assignments, frow, fcol, strict=True):
-                _contract(a, fr, fc, layout, strategy, results, membership, per_layer,
-                          symmetric, (r0, r1), (c0, c1))
+            if per_layer:
+                for a, fr, fc in zip(assignments, frow, fcol, strict=True):
+                    _contract(a, fr, fc, layout, strategy, results, membership, True,
+                              symmetric, (r0, r1), (c0, c1))
+            else:  # the tile pair's blocks summed in the product precision, added once
+                acc = {k: {"total": torch.zeros(r1 - r0, c1 - c0, *shape, dtype=work,
+                                                device=device)} for k in sets}
+                for a, fr, fc in zip(assignments, frow, fcol, strict=True):
+                    _contract(a, fr, fc, layout, strategy, acc, membership, False, False,
+                              (0, r1 - r0), (0, c1 - c0))
+                for k, part in acc.items():
+                    results[k]["total"][r0:r1, c0:c1] += part["total"]
+                    if symmetric and (r0, r1) != (c0, c1):
+                        results[k]["total"][c0:c1, r0:r1] += transpose_block(part["total"],
+                                                                             layout)
             t_capture, cpu_capture = t_capture + t1 - t0, cpu_capture + u1 - u0
             t_contract, cpu_contract = t_contract + clock() - t1, cpu_contract + cpu() - u1
             bar.update(1)
         bar.close()
-        LAST_STATS.clear()
-        LAST_STATS.update(tile=tile, tile_pairs=len(pairs), captures=captures[0] - captures_before,
-                          keep_all=keep_all, capture_seconds=t_capture,
-                          contract_seconds=t_contract, setup_seconds=t_capture_start,
-                          capture_cpu_seconds=cpu_capture, contract_cpu_seconds=cpu_contract)
+        check_finite(results)
+        t_verify, u_verify = clock(), cpu()
+        if verify:
+            check_kernels(model, inputs[1], inputs.get(2), n1, n2, sets, results, layout,
+                          sum_logits, fn, per_layer)
+        t_verify, u_verify = clock() - t_verify, cpu() - u_verify
+        timings = Timings(tile=tile, tile_pairs=len(pairs),
+                          captures=captures[0] - captures_before, keep_all=keep_all,
+                          setup_seconds=t_capture_start, capture_seconds=t_capture,
+                          contract_seconds=t_contract, capture_cpu_seconds=cpu_capture,
+                          contract_cpu_seconds=cpu_contract, verify_seconds=t_verify,
+                          verify_cpu_seconds=u_verify)
     out: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {}
     for s, blocks in results.items():
         if sum_logits:
             blocks = {k: v[..., 0, 0] for k, v in blocks.items()}
         out[s] = blocks if per_layer else blocks["total"]
-    return out
+    return out, timings
 
 
 class _NoBar:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -12,8 +13,8 @@ import torch
 from torch import nn
 
 from ntk import _jacobian, _ntk_vp
-from ntk._handlers import StructuredError
 from ntk._inputs import (
+    InputError,
     Inputs,
     Mapper,
     choose_mapper,
@@ -32,20 +33,24 @@ from ntk._memory import (
     profile,
     tile_pairs,
 )
-from ntk._params import ParamSelector, select_parameters
+from ntk._params import ParameterSelectionError, ParamSelector, select_parameters
 from ntk._problem import (
-    OUTPUTS,
     KernelOutputError,
     KernelProblem,
+    check_request,
     default_output_fn,
     layout_of,
+    probe_forward,
     transpose_block,
 )
 from ntk.kernels import structured_ntk
+from ntk.reference import check_kernel
 
 __all__ = ["METHODS", "empirical_ntk"]
 
 METHODS = ("auto", "structured", "jacobian", "ntk_vp")
+_USER_ERRORS = (KernelOutputError, KernelTooLargeError, InputError, ParameterSelectionError)
+"""Errors about the request itself: every method would raise them, so auto does not fall back."""
 _PROBE_EXAMPLES = 2
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ def empirical_ntk(
     memory_budget: float | None = None,
     progress: bool = False,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
+    check: bool | int = False,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     r"""Empirical NTK ``K(x1, x2)`` of ``output_fn(model(x))`` over the selected parameters.
 
@@ -90,14 +96,19 @@ def empirical_ntk(
       Jacobian is contracted, the sum over parameters happens in the forward-mode pass (in the
       model's dtype). Cost ``n2 F (1 + 2C) + 2 n1 n2 C F`` (times L with ``per_layer``).
     - ``"structured"``: per-layer blocks from captured layer inputs and back-signals
-      (``ntk.kernels``; science.md section 3), ghost or materialise per linear layer by the cost
-      rule in ``ntk._handlers.linear_costs``; unknown module types fall back to per-module
-      torch.func gradients.
+      (``ntk.kernels``; the theory page of the docs, docs/theory.md), ghost or materialise per
+      linear layer by the cost rule in ``ntk._handlers.linear_costs``; module types without a
+      handler (or subclasses that override ``forward``) fall back to per-module gradients.
+      Every result is checked at a few entries against whole per-example gradients
+      (``ntk._verify``) and refused on disagreement.
     - ``"auto"``: ``"structured"`` whenever it can attribute every selected parameter to
       examples (it was 2x to 30x faster than ``"jacobian"`` in ``benchmarks/results``);
-      otherwise (``StructuredError``, e.g. weights tied across modules) it plans the two
-      torch.func methods within the memory budget and takes the one with the smaller
-      estimate, where each tile pair also costs ``FLOPS_PER_BYTE = 10`` flops per byte of
+      otherwise (any error of the structured engine other than one about the request itself,
+      e.g. weights tied across modules, a failed self-check, a module it cannot hook) it plans
+      the two torch.func methods within the memory budget and tries them cheapest first (the
+      second when the first fails, e.g. ``ntk_vp`` without a forward-mode rule for
+      ``nn.MultiheadAttention``), with one warning naming the method that ran and why. The
+      estimate is the method's cost, where each tile pair also costs ``FLOPS_PER_BYTE = 10`` flops per byte of
       Jacobian or directions it reads (``2 t C P`` resp. ``t C P`` entries for tile size t)
       and a fixed ``2e8`` (see ``ntk._memory``). For large batches this compares ``C P``
       (jacobian) with ``F`` (ntk_vp): the Jacobian contraction wins when the selected
@@ -143,6 +154,9 @@ def empirical_ntk(
         progress: show a tqdm bar over tiles.
         output_fn: maps the model's output to an (N, C) tensor (default: ``.logits`` when the
             output has it, else the output itself).
+        check: compare this many random entries (True: 4) with the slow exact reference
+            (:func:`ntk.reference_ntk`, run on those examples only) and raise on disagreement;
+            for a model of unusual make. False (default): no check.
 
     Returns:
         The kernel in the layout of ``output``, in ``dtype``, on the model's device; with
@@ -159,24 +173,33 @@ def empirical_ntk(
         ntk.KernelTooLargeError: even the smallest tile exceeds the memory budget.
     """
     _check_arguments(output, method, dtype, batch_size, memory_budget)
+    reason = ""
     if method in ("auto", "structured"):
         try:
-            return structured_ntk(
+            kernel = structured_ntk(
                 model, x1, x2, params=params, output=output, per_layer=per_layer, dtype=dtype,
                 batch_size=batch_size, memory_budget=memory_budget, progress=progress,
                 output_fn=output_fn,
             )
-        except StructuredError as exc:
+        except _USER_ERRORS:
+            raise
+        except Exception as exc:  # any failure of a handler: the next method
             if method == "structured":
                 raise
-            logger.info("empirical_ntk: structured engine not applicable (%s); planning "
-                        "jacobian / ntk_vp", exc)
+            reason = f"the structured engine failed ({type(exc).__name__}: {str(exc)[:300]})"
+            logger.info("empirical_ntk: %s; planning jacobian / ntk_vp", reason)
+        else:
+            _check(kernel, model, x1, x2, params, output, per_layer, output_fn, check)
+            return kernel
     n1, n2 = example_counts(x1, x2)
     symmetric = x2 is None
     theta = select_parameters(model, params)
     device = next(iter(theta.values())).device
     x1 = to_device(x1, device)
     x2 = x1 if x2 is None else to_device(x2, device)
+    probe_forward(model, x1, "x1")
+    if not symmetric:
+        probe_forward(model, x2, "x2")
     layout = layout_of(output)
 
     # no_grad: torch.func transforms ignore it, but ordinary autograd must not record a graph
@@ -200,16 +223,30 @@ def empirical_ntk(
             model_bytes=probe_out.element_size(),
         )
         budget = float(memory_budget) if memory_budget is not None else default_budget(device)
-        chosen = _choose_plan(method, prof, n1, n2, symmetric, layout, per_layer,
+        plans = _choose_plans(method, prof, n1, n2, symmetric, layout, per_layer,
                               torch.finfo(dtype).bits // 8, budget, batch_size)
-        logger.info(
-            "empirical_ntk plan: method=%s tile=%d groups=%d est_peak_gib=%.4g "
-            "budget_gib=%.4g est_gflop=%.4g vmap=%s activation_bytes=%.4g flops_per_example=%.4g",
-            chosen.method, chosen.tile, len(chosen.groups), chosen.peak_bytes / 2**30,
-            chosen.budget_bytes / 2**30, chosen.flops / 1e9, mapper.use_vmap, activation, flops,
-        )
-        blocks = _compute(problem, chosen, x1, x2, n1, n2, prof.n_out, symmetric, layout, dtype,
-                          per_layer, progress)
+        for i, chosen in enumerate(plans):
+            logger.info(
+                "empirical_ntk plan: method=%s tile=%d groups=%d est_peak_gib=%.4g budget_gib="
+                "%.4g est_gflop=%.4g vmap=%s activation_bytes=%.4g flops_per_example=%.4g",
+                chosen.method, chosen.tile, len(chosen.groups), chosen.peak_bytes / 2**30,
+                chosen.budget_bytes / 2**30, chosen.flops / 1e9, mapper.use_vmap, activation,
+                flops,
+            )
+            try:
+                blocks = _compute(problem, chosen, x1, x2, n1, n2, prof.n_out, symmetric,
+                                  layout, dtype, per_layer, progress)
+                break
+            except _USER_ERRORS:
+                raise
+            except (RuntimeError, NotImplementedError) as exc:  # e.g. no forward-mode rule
+                if method != "auto" or i + 1 == len(plans):
+                    raise
+                reason = (f"{reason}; " if reason else "") + (
+                    f"{chosen.method!r} failed ({type(exc).__name__}: {str(exc)[:200]})")
+        if method == "auto" and reason:
+            warnings.warn(f"empirical_ntk(method='auto') computed the kernel with "
+                          f"{chosen.method!r} because {reason}", stacklevel=2)
 
     if symmetric:
         blocks = {k: _mirror(v, layout) for k, v in blocks.items()}
@@ -222,22 +259,27 @@ def empirical_ntk(
                 f"the kernel has non-finite entries{where} although the model outputs are "
                 "finite: the gradients overflow; compute in a wider dtype or rescale the model"
             )
-    return {k: v for k, v in blocks.items() if k} if per_layer else blocks[""]
+    result = {k: v for k, v in blocks.items() if k} if per_layer else blocks[""]
+    _check(result, model, x1, x2, params, output, per_layer, output_fn, check)
+    return result
+
+
+def _check(kernel: torch.Tensor | dict[str, torch.Tensor], model: nn.Module, x1: Inputs,
+           x2: Inputs | None, params: ParamSelector, output: str, per_layer: bool,
+           output_fn: Callable[[Any], torch.Tensor] | None, check: bool | int) -> None:
+    """``check`` entries (4 for True) compared with the reference (:mod:`ntk.reference`)."""
+    if check is False or check == 0:
+        return
+    check_kernel(kernel, model, x1, x2, params=params, output=output, per_layer=per_layer,
+                 output_fn=output_fn, entries=4 if check is True else int(check))
 
 
 def _check_arguments(
     output: str, method: str, dtype: torch.dtype, tile: int | None, budget: float | None
 ) -> None:
-    if output not in OUTPUTS:
-        raise ValueError(f"unknown output reduction {output!r}; use one of {list(OUTPUTS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {list(METHODS)}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {tile!r}")
-    if budget is not None and not budget > 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {budget!r}")
+    check_request(output, dtype, tile, budget)
 
 
 @contextlib.contextmanager
@@ -286,10 +328,11 @@ def _check_finite(outputs: torch.Tensor, which: str, start: int | list[int]) -> 
         )
 
 
-def _choose_plan(
+def _choose_plans(
     method: str, prof: Profile, n1: int, n2: int, symmetric: bool, layout: str,
     per_layer: bool, acc_bytes: int, budget: float, max_tile: int | None,
-) -> Plan:
+) -> list[Plan]:
+    """The plans of the candidate methods that fit the budget, cheapest first."""
     candidates = ["jacobian", "ntk_vp"] if method in ("auto", "structured") else [method]
     plans, errors = [], []
     for m in candidates:
@@ -300,7 +343,7 @@ def _choose_plan(
             errors.append(str(err))
     if not plans:
         raise KernelTooLargeError(" | ".join(errors))
-    return min(plans, key=lambda p: p.flops)
+    return sorted(plans, key=lambda p: p.flops)
 
 
 def _compute(

@@ -7,8 +7,8 @@ Both use the structured engine (:mod:`ntk._structured`, handlers in :mod:`ntk._h
 
     K[a, b, c, c'] = sum over parameter tensors i of  <d f_c(x1_a)/d theta_i, d f_c'(x2_b)/d theta_i>
 
-with each per-tensor block computed from the layer's captured inputs and back-signals
-(``shared/science.md`` section 3), never from a Jacobian of the whole model.
+with each per-tensor block computed from the layer's captured inputs and back-signals (the
+theory page of the docs, docs/theory.md), never from a Jacobian of the whole model.
 """
 
 from __future__ import annotations
@@ -54,16 +54,20 @@ def kernels(
             ``"trace"`` (N1, N2) the sum over c of the diagonal; ``"diagonal"`` (N1, N2, C);
             ``"sum_logits"`` (N1, N2), the kernel of ``sum_c f_c``.
         per_layer: return, per set, a dict parameter name -> block (they sum to the kernel).
-        dtype: accumulation dtype of features and kernels (float64 by default).
+        dtype: dtype of the kernels (float64 by default). The structured engine forms the
+            features and products in the parameters' precision when that is lower, at least
+            float32 (float32 models: float32 products, summed per tile pair and added to the
+            float64 kernel; see ``ntk._structured.product_dtype``).
         batch_size: largest tile of examples (default: as large as the memory budget allows).
         memory_budget: bytes (default: a safe share of the free memory of the model's device).
         strategy: for ``nn.Linear`` weights: ``"ghost"`` (Gram matrices over tokens),
             ``"materialise"`` (per-example gradients) or ``"auto"``, which picks per layer and
             tile pair the cheaper by :func:`ntk._handlers.linear_costs`:
-            ghost ``s R1 R2 (d_in + q d_out + q)`` against materialise
-            ``2.2 (C (n1 max(T1, 8) + n2 max(T2, 8)) d_in d_out + s q n1 n2 d_in d_out)``,
+            ghost ``s R1 R2 (d_in + q d_out + 40 e)`` against materialise
+            ``2.7 C (n1 max(T1, 8) + n2 max(T2, 8)) d_in d_out + s' q n1 n2 d_in d_out``,
             with ``R`` the token rows of a tile that carry a back-signal, ``q = C^2`` for
-            ``full`` and C otherwise, ``s = 1/2`` on the diagonal tiles of ``x2=None``
+            ``full`` and C otherwise, ``e`` the Gram entries per token pair, ``s = 1/2`` on the
+            diagonal tiles of ``x2=None`` and ``s'`` the share of a symmetric product computed
             (constants fitted to measured times on CPU).
         progress: show a progress bar over tile pairs.
         output_fn: maps the model output to (N, C) (default ``.logits`` or the output).
@@ -77,7 +81,13 @@ def kernels(
         ntk._inputs.InputError: malformed or incompatible inputs.
         ntk._problem.KernelOutputError: model outputs not (N, C) or not finite.
         ntk._handlers.StructuredError: a selected parameter cannot be attributed to examples
-            through its layer (tied across layers, or a layer without a batch dimension).
+            through its layer (tied across layers, or a layer without a batch dimension), or
+            the self-check failed: after the pass, a few entries of every result are compared
+            with whole per-example gradients (``ntk._verify``) and a disagreement is refused,
+            never returned (``empirical_ntk(method="auto")`` then falls back to jacobian).
+        ntk._problem.KernelOutputError: also when the kernel has non-finite entries.
+        ValueError: a malformed request (``dtype`` not floating, ``batch_size`` not a positive
+            integer, ``memory_budget`` not a finite positive number).
         ntk._memory.KernelTooLargeError: even one example per tile exceeds the budget.
 
     Example:
@@ -88,11 +98,12 @@ def kernels(
         >>> ks["full"].shape, ks["bias"].shape
         (torch.Size([5, 5]), torch.Size([5, 5]))
     """
-    return structured_kernels(
+    result, _ = structured_kernels(
         model, x1, x2, params, output=output, per_layer=per_layer, dtype=dtype,
         batch_size_=batch_size, memory_budget=memory_budget, strategy=strategy,
         progress=progress, output_fn=output_fn,
     )
+    return result
 
 
 def structured_ntk(

@@ -1,4 +1,4 @@
-"""Exact identities of the empirical NTK (``shared/science.md`` section 4), and the engine's
+"""Exact identities of the empirical NTK (the theory page of the docs, docs/theory.md), and the engine's
 promises: per-layer blocks add up, K is symmetric PSD, tiling changes nothing, the live model is
 read at every call, the caller's modes and TF32 flags survive, any shape works.
 """
@@ -30,7 +30,7 @@ def _x(n: int, d: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-# -- science.md 4.6: a single linear layer --------------------------------------------------------
+# -- a single linear layer: K = (x . x' + 1) I --------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -54,7 +54,7 @@ def test_linear_layer_propulsion_at_z_one_is_k2_u_u(method, degree):
     assert_close_rel(k, expected, TOL)
 
 
-# -- science.md 4.3: degree k at z = 1 is k^2 times degree 1 -----------------------------------
+# -- degree k at z = 1 is k^2 times degree 1 ---------------------------------------------
 
 
 @pytest.mark.parametrize("degree", [2, 3])
@@ -72,7 +72,7 @@ def test_propulsion_degree_k_is_k2_times_degree_1_at_z_one(build, inputs, emb, d
     assert_close_rel(k, degree**2 * one, TOL)
 
 
-# -- science.md 4.4: LoRA with B = 0 ------------------------------------------------------------
+# -- LoRA with B = 0: only B moves the outputs ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -124,7 +124,7 @@ def test_kernel_is_symmetric_psd(row, method):
     assert eig.min() >= -1e-10 * eig.abs().max()
 
 
-# -- the stale-parameter trap (science.md 5) ----------------------------------------------------
+# -- the stale-parameter trap: parameters read live -------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -125,7 +125,7 @@ def _bad_cases():
         ("bad_batch_size", lambda: empirical_ntk(model, x, batch_size=0),
          ValueError, r"batch_size must be a positive integer"),
         ("bad_budget", lambda: empirical_ntk(model, x, memory_budget=-1),
-         ValueError, r"memory_budget must be a positive"),
+         ValueError, r"memory_budget must be a finite positive"),
         ("budget_too_small", lambda: empirical_ntk(model, x, memory_budget=1000,
                                                    method="jacobian"),
          KernelTooLargeError, r"needs an estimated [0-9.e+-]+ GiB .* budget of 9.31e-07 GiB"),

@@ -1,15 +1,15 @@
 """Both kernel methods against an independent reference written without torch.func.
 
-The reference loops over examples and outputs with ``torch.autograd.grad`` on the model run as
-a batch of one (original inputs, 2-D attention masks included), flattens the gradients and
-dots them. Every case must agree to ``RTOL[float64]`` relative (Frobenius norm).
+The reference (:func:`ntk.reference_ntk`) loops over examples and outputs with
+``torch.autograd.grad`` on the model run as a batch of one (original inputs, 2-D attention
+masks included), flattens the gradients and dots them. Every case must agree to
+``RTOL[float64]`` relative (Frobenius norm).
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,75 +20,22 @@ from torch import nn
 from zoo import CASES, MLP, CalledTwice, TinyTransformer, _dense_inputs, _token_inputs
 
 from ntk import empirical_ntk, select_parameters
+from ntk.reference import reference_ntk as _reference_ntk
 
 TOL = RTOL[torch.float64]
 METHODS = ["jacobian", "ntk_vp"]
 
 
-# -- the reference ---------------------------------------------------------------------------
+# -- the reference (ntk.reference, shared by every test) ------------------------------------
 
 
-@contextlib.contextmanager
-def _requiring_grad(params: list[nn.Parameter]) -> Iterator[None]:
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-
-
-def _example(x: Any, i: int) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x[i : i + 1]
-    return {k: v[i : i + 1] for k, v in x.items()}
-
-
-def _n(x: Any) -> int:
-    return x.shape[0] if isinstance(x, torch.Tensor) else next(iter(x.values())).shape[0]
-
-
-def _logits(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out
-
-
-def reference_jacobian(model: nn.Module, x: Any, names: list[str]) -> torch.Tensor:
-    """J (N, C, P): one ``autograd.grad`` per example and output, flattened over ``names``."""
-    named = dict(model.named_parameters())
-    params = [named[n] for n in names]
-    rows = []
-    with _requiring_grad(params), torch.enable_grad():
-        for i in range(_n(x)):
-            ex = _example(x, i)
-            out = _logits(model(ex) if isinstance(ex, torch.Tensor) else model(**ex))[0]
-            per_output = []
-            for c in range(out.shape[0]):
-                grads = torch.autograd.grad(out[c], params, retain_graph=True, allow_unused=True)
-                flat = [torch.zeros(p.numel(), dtype=p.dtype) if g is None else g.reshape(-1)
-                        for g, p in zip(grads, params, strict=True)]
-                per_output.append(torch.cat(flat))
-            rows.append(torch.stack(per_output))
-    return torch.stack(rows).double()
-
-
-def reference_ntk(
-    model: nn.Module, x1: Any, x2: Any = None, names: list[str] | None = None,
-    output: str = "full",
-) -> torch.Tensor:
-    """K in the layout of ``output`` from reference Jacobians (model must be in eval mode)."""
-    names = names if names is not None else list(select_parameters(model, "trainable"))
-    j1 = reference_jacobian(model, x1, names)
-    j2 = j1 if x2 is None else reference_jacobian(model, x2, names)
-    k = torch.einsum("acp,bdp->abcd", j1, j2)
-    if output == "full":
-        return k
-    if output == "trace":
-        return torch.diagonal(k, dim1=2, dim2=3).sum(-1)
-    if output == "diagonal":
-        return torch.diagonal(k, dim1=2, dim2=3)
-    return k.sum((2, 3))  # sum_logits
+def reference_ntk(model: nn.Module, x1: Any, x2: Any = None, names: list[str] | None = None,
+                  output: str = "full") -> torch.Tensor:
+    """K in the layout of ``output`` by :func:`ntk.reference_ntk` over ``names``."""
+    k = _reference_ntk(model, x1, x2, params="trainable" if names is None else names,
+                       output=output)
+    assert isinstance(k, torch.Tensor)
+    return k
 
 
 # -- wrapped models ----------------------------------------------------------------------------

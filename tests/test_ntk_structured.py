@@ -1,7 +1,8 @@
 """The structured engine (ntk.kernels) against an independent float64 reference.
 
-The reference below is written without torch.func and without the engine's code: a loop of
-``torch.autograd.grad`` per example and output, flattened per parameter tensor, dotted.
+The reference (:func:`ntk.reference_ntk`) is written without torch.func and without the
+engine's code: a loop of ``torch.autograd.grad`` per example and output, flattened per
+parameter tensor, dotted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ntk import empirical_ntk
 from ntk._handlers import StructuredError, linear_costs
 from ntk._params import select_parameters
 from ntk.kernels import kernels, structured_ntk
+from ntk.reference import reference_ntk
 from propulsion.config import PropulsionConfig
 from propulsion.model import get_propulsion_model
 
@@ -30,57 +32,11 @@ OUTPUTS = ("full", "trace", "diagonal", "sum_logits")
 # -- the independent reference ------------------------------------------------------------------
 
 
-def _example(x, a):
-    return x[a:a + 1] if isinstance(x, torch.Tensor) else {k: v[a:a + 1] for k, v in x.items()}
-
-
-def _n(x) -> int:
-    return x.shape[0] if isinstance(x, torch.Tensor) else next(iter(x.values())).shape[0]
-
-
-def _jacobians(model, x, names, output_fn):
-    """{name: (n, C, numel)} by a loop of autograd.grad over examples and outputs."""
-    named = dict(model.named_parameters())
-    ps = [named[k] for k in names]
-    flags = [p.requires_grad for p in ps]
-    for p in ps:
-        p.requires_grad_(True)
-    try:
-        out = {k: [] for k in names}
-        for a in range(_n(x)):
-            xa = _example(x, a)
-            y = output_fn(model(xa) if isinstance(xa, torch.Tensor) else model(**xa))
-            rows = {k: [] for k in names}
-            for c in range(y.shape[1]):
-                gs = torch.autograd.grad(y[0, c], ps, retain_graph=True, allow_unused=True)
-                for k, g, p in zip(names, gs, ps, strict=True):
-                    rows[k].append((torch.zeros_like(p) if g is None else g).reshape(-1))
-            for k in names:
-                out[k].append(torch.stack(rows[k]))
-        return {k: torch.stack(v).double() for k, v in out.items()}
-    finally:
-        for p, f in zip(ps, flags, strict=True):
-            p.requires_grad_(f)
-
-
-def _reduce(full: torch.Tensor, output: str) -> torch.Tensor:
-    if output == "full":
-        return full
-    if output == "diagonal":
-        return torch.diagonal(full, dim1=2, dim2=3)
-    if output == "trace":
-        return torch.diagonal(full, dim1=2, dim2=3).sum(-1)
-    return full.sum((2, 3))  # sum_logits: kernel of sum_c f_c
-
-
 def reference(model, x1, x2=None, params="all", output="full", output_fn=None):
-    """(total, {name: block}) of the empirical NTK, by the autograd loop."""
-    fn = output_fn or (lambda out: getattr(out, "logits", out))
-    model.eval()
-    names = list(select_parameters(model, params))
-    j1 = _jacobians(model, x1, names, fn)
-    j2 = j1 if x2 is None else _jacobians(model, x2, names, fn)
-    blocks = {k: _reduce(torch.einsum("acp,bdp->abcd", j1[k], j2[k]), output) for k in names}
+    """(total, {name: block}) of the empirical NTK by :func:`ntk.reference_ntk`."""
+    blocks = reference_ntk(model, x1, x2, params=params, output=output, per_layer=True,
+                           output_fn=output_fn)
+    assert isinstance(blocks, dict)
     return sum(blocks.values()), blocks
 
 
@@ -172,9 +128,9 @@ def test_symmetric_tile_path_equals_explicit_x2_and_reference(monkeypatch, case_
     """x2=None takes the one-tile path (row chunks against the columns from their own start,
     mirrored); with SYM_BLOCK = 1 every chunk is one row, so the mirroring is exercised. It must
     equal x2 = a copy of x1 (the two-tile path, no symmetry used) and the reference."""
-    import ntk._handlers as handlers
+    import ntk._handlers.base as base
 
-    monkeypatch.setattr(handlers, "SYM_BLOCK", 1)
+    monkeypatch.setattr(base, "SYM_BLOCK", 1)
     case = next(c for c in CASES if c.id == case_id)
     model = case.build(0)
     x = case.inputs(6, 4)
@@ -188,7 +144,7 @@ def test_symmetric_tile_path_equals_explicit_x2_and_reference(monkeypatch, case_
 
 
 def test_pack_drops_tokens_without_back_signal_exactly():
-    from ntk._handlers import _pack, _padded, _per_example
+    from ntk._handlers.linear import _pack, _padded, _per_example
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 6, 4, dtype=torch.float64, generator=g)
@@ -222,9 +178,9 @@ def test_padding_tokens_are_dropped_in_a_masked_transformer():
 @pytest.mark.parametrize("output", ["full", "trace"])
 def test_embedding_dense_and_sparse_ids_agree_with_reference(monkeypatch, sparse_cost, output):
     """SPARSE_COST 0: every id by equal-id pairs; 1e9: every id dense; 1: a mix."""
-    import ntk._handlers as handlers
+    import ntk._handlers.embedding as embedding
 
-    monkeypatch.setattr(handlers, "SPARSE_COST", sparse_cost)
+    monkeypatch.setattr(embedding, "SPARSE_COST", sparse_cost)
     model = TinyTransformer().double().eval()
     x1, x2 = CASES[1].inputs(6, 0), CASES[1].inputs(4, 1)
     names = ["embed.weight", "pos.weight"]

@@ -149,3 +149,202 @@ CASES: list[Case] = [
     Case("unknown_module", _seeded(WithUnknownModule), _dense_inputs(5)),
 ]
 CASE_IDS = [c.id for c in CASES]
+
+
+# -- awkward architectures (the zoo of tests/test_ntk_zoo.py) ----------------------------------
+
+
+class InPlaceMLP(nn.Module):
+    """Linear -> ReLU(inplace) twice, then a head: the ReLU rewrites each Linear's output."""
+
+    def __init__(self, d_in: int = 5, hidden: int = 6, n_out: int = 3):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.act1 = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.act2 = nn.ReLU(inplace=True)
+        self.head = nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act2(self.fc2(self.act1(self.fc1(x)))))
+
+
+class ResBlock(nn.Module):
+    """torchvision-style basic block: Conv -> BN -> ReLU(inplace) -> Conv -> BN, ``out +=
+    identity``, ReLU(inplace), pooled, linear head. Input (N, 2, 4, 4)."""
+
+    def __init__(self, channels: int = 2, n_out: int = 2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, n_out)
+        with torch.no_grad():  # non-trivial running statistics and affine parameters
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        out = self.relu(out)
+        return self.head(out.mean((2, 3)))
+
+
+class FunctionalTiedHead(nn.Module):
+    """A tied LM head written by hand: ``F.linear(h, self.emb.weight)`` reads the embedding
+    weight outside its module. Input ids (N, T); outputs (N, vocab)."""
+
+    def __init__(self, vocab: int = 6, d: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.emb(input_ids))).mean(1)
+        return nn.functional.linear(h, self.emb.weight)
+
+
+class ModuleTiedHead(FunctionalTiedHead):
+    """Tying at module level: ``head.weight is emb.weight`` (two modules own one tensor)."""
+
+    def __init__(self, vocab: int = 6, d: int = 4):
+        super().__init__(vocab, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(input_ids))).mean(1))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """transformers' scaled word embedding (Gemma and others): ``embed_scale * E[ids]``."""
+
+    def __init__(self, vocab: int, d: int, embed_scale: float):
+        super().__init__(vocab, d)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embed_scale
+
+
+class OffsetPositions(nn.Embedding):
+    """BART's learned positional embedding: called with the token ids, it looks up the
+    positions ``arange(T) + offset`` (not the ids), in float arithmetic before the lookup."""
+
+    offset = 2
+
+    def __init__(self, max_len: int, d: int):
+        super().__init__(max_len + self.offset, d)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        positions = torch.arange(t, dtype=torch.float64, device=input_ids.device) + self.offset
+        return super().forward(positions.long()).expand(input_ids.shape[0], t, -1)
+
+
+class EmbeddingSubclasses(nn.Module):
+    """Token ids through a scaled embedding plus BART-style positions, then a linear head."""
+
+    def __init__(self, vocab: int = 7, d: int = 4, n_out: int = 2):
+        super().__init__()
+        self.tokens = ScaledEmbedding(vocab, d, embed_scale=d ** 0.5)
+        self.positions = OffsetPositions(8, d)
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.tokens(input_ids) + self.positions(input_ids))
+        return self.head(h.mean(1))
+
+
+class MaskedMixer(nn.Module):
+    """A module of no known type that takes a (T, T) causal mask besides the batch (N, T, d):
+    with N == T the mask looks batched by its shape alone."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-1.0, 1.0, d * d).reshape(d, d) / d)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = (h @ self.weight @ h.transpose(1, 2)).masked_fill(~mask, -1e9)
+        return torch.softmax(scores, -1) @ h
+
+
+class WithSquareMask(nn.Module):
+    """Linear -> MaskedMixer with a (T, T) mask -> pooled head. Input (N, T, d) with T = 4."""
+
+    def __init__(self, d: int = 3, t: int = 4, n_out: int = 2):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.mixer = MaskedMixer(d)
+        self.head = nn.Linear(d, n_out)
+        self.register_buffer("mask", torch.tril(torch.ones(t, t, dtype=torch.bool)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mixer(torch.tanh(self.fc(x)), self.mask).mean(1))
+
+
+class MHA(nn.Module):
+    """``nn.MultiheadAttention`` (batch_first) reads its in-projection directly."""
+
+    def __init__(self, d: int = 4, n_out: int = 2):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+class EncoderLayer(nn.Module):
+    """``nn.TransformerEncoderLayer(batch_first=True)`` and a linear head."""
+
+    def __init__(self, d: int = 4, n_out: int = 2):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=6, dropout=0.0,
+                                                batch_first=True)
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).mean(1))
+
+
+def _sequence_inputs(t: int, d: int) -> Callable[[int, int], torch.Tensor]:
+    def make(n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(3000 + seed)
+        return torch.randn(n, t, d, generator=g, dtype=torch.float64)
+
+    return make
+
+
+def _image_inputs(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(4000 + seed)
+    return torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64)
+
+
+def _ids(vocab: int, t: int) -> Callable[[int, int], torch.Tensor]:
+    def make(n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(5000 + seed)
+        return torch.randint(0, vocab, (n, t), generator=g)
+
+    return make
+
+
+ZOO: list[Case] = [
+    Case("inplace_relu", _seeded(InPlaceMLP), _dense_inputs(5)),
+    Case("resnet_block", _seeded(ResBlock), _image_inputs),
+    Case("functional_tied_head", _seeded(FunctionalTiedHead), _ids(6, 3)),
+    Case("module_tied_head", _seeded(ModuleTiedHead), _ids(6, 3)),
+    Case("embedding_subclasses", _seeded(EmbeddingSubclasses), _ids(7, 3)),
+    Case("square_mask", _seeded(WithSquareMask), _sequence_inputs(4, 3)),
+    Case("multihead_attention", _seeded(MHA), _sequence_inputs(3, 4)),
+    Case("encoder_layer", _seeded(EncoderLayer), _sequence_inputs(3, 4)),
+]
+"""Architectures on which a per-layer engine can go silently wrong (each must give the
+reference kernel or a clear error)."""
