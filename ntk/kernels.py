@@ -22,6 +22,7 @@ from torch import nn
 from ntk._inputs import Inputs
 from ntk._params import ParamSelector
 from ntk._structured import structured_kernels
+from ntk.reference import check_kernel
 
 __all__ = ["kernels", "structured_ntk"]
 
@@ -40,6 +41,7 @@ def kernels(
     strategy: str = "auto",
     progress: bool = False,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
+    check: bool | int = False,
 ) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
     """Empirical NTKs of several parameter sets from one capture pass per tile.
 
@@ -71,6 +73,10 @@ def kernels(
             (constants fitted to measured times on CPU).
         progress: show a progress bar over tile pairs.
         output_fn: maps the model output to (N, C) (default ``.logits`` or the output).
+        check: compare this many random entries of every set (True: 4) with the slow exact
+            reference (:func:`ntk.reference_ntk` on those examples) and raise
+            ``KernelOutputError`` on disagreement. False (default): only the engine's own
+            self-check.
 
     Returns:
         set name -> kernel in the layout of ``output``, or (``per_layer``) set name ->
@@ -103,6 +109,11 @@ def kernels(
         batch_size_=batch_size, memory_budget=memory_budget, strategy=strategy,
         progress=progress, output_fn=output_fn,
     )
+    if check is not False and check != 0:
+        for name, kernel in result.items():
+            check_kernel(kernel, model, x1, x2, params=params[name], output=output,
+                         per_layer=per_layer, output_fn=output_fn,
+                         entries=4 if check is True else int(check))
     return result
 
 
@@ -120,6 +131,7 @@ def structured_ntk(
     progress: bool = False,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
     strategy: str = "auto",
+    check: bool | int = False,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The empirical NTK of one parameter set by the structured engine.
 
@@ -137,5 +149,5 @@ def structured_ntk(
     return kernels(
         model, x1, x2, params={"k": params}, output=output, per_layer=per_layer, dtype=dtype,
         batch_size=batch_size, memory_budget=memory_budget, strategy=strategy,
-        progress=progress, output_fn=output_fn,
+        progress=progress, output_fn=output_fn, check=check,
     )["k"]

@@ -87,6 +87,7 @@ def test_check_passes_on_a_right_kernel_and_raises_on_a_wrong_one(monkeypatch):
         ntk.empirical_ntk(model, x, method=method, check=True, per_layer=True)
         ntk.empirical_ntk(model, x, _dense_inputs(5)(3, 1), method=method, output="trace",
                           check=6)
+    ntk.kernels(model, x, params={"all": "all", "bias": "bias"}, per_layer=True, check=3)
     import ntk.empirical as empirical
 
     real = empirical.structured_ntk
