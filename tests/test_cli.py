@@ -93,7 +93,7 @@ def test_suite_commands_fail_clearly(tmp_path, capsys, argv, message):
 def test_unknown_preset_lists_the_choices(capsys):
     with pytest.raises(SystemExit):
         cli.main(["run", "e7", "--preset", "huge"])
-    assert "choose from 'tiny', 'quick', 'full'" in capsys.readouterr().err
+    assert "choose from 'tiny', 'quick', 'study', 'full'" in capsys.readouterr().err
 
 
 def test_cuda_on_a_machine_without_it(tmp_path, capsys, monkeypatch):

@@ -179,8 +179,8 @@ def test_peft_adapters(adapter):
 
 
 class _Random(nn.Module):
-    """Linear layers with, between them, an activation that is in place or not, and residual
-    ``+=`` where the widths allow."""
+    """Linear layers with, between them, a residual ``+=`` where the widths allow, then an
+    activation that is in place or not."""
 
     def __init__(self, widths: list[int], inplace: list[bool], residual: list[bool]):
         super().__init__()
@@ -190,10 +190,10 @@ class _Random(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer, act, res in zip(self.layers[:-1], self.acts, self.residual, strict=True):
-            h = act(layer(x))
+            h = layer(x)
             if res and h.shape == x.shape:
-                h += x
-            x = h
+                h += x  # before the activation, as torchvision does: ReLU saves its output
+            x = act(h)
         return self.layers[-1](x)
 
 

