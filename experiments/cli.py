@@ -175,6 +175,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     writable_folder(args.out)
     path = write_report(args.results, Path(args.out) / "claims.md", fig_dir=args.figures)
     print(f"{path}\n{path.with_suffix('.html')}")
+    if args.readme:
+        from experiments.suite.report import sync_readme
+
+        if sync_readme(args.readme, path):
+            print(f"{args.readme}: claims summary updated")
     return 0
 
 
@@ -247,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--results", default="runs/suite")
     report.add_argument("--out", default="runs/suite", help="folder for claims.md and claims.html")
     report.add_argument("--figures", default="figures", help="folder of the figures the report links")
+    report.add_argument("--readme", default=None,
+                        help="also copy the summary table into this README's claims-summary block")
     report.set_defaults(func=cmd_report)
     return parser
 

@@ -13,5 +13,5 @@ cd "$root"
 out="${OUT:-runs/suite}"
 propulsion-ntk run all --preset quick --out "$out" "$@"
 propulsion-ntk figures --results "$out" --out figures
-propulsion-ntk report --results "$out" --out figures --figures figures
+propulsion-ntk report --results "$out" --out figures --figures figures --readme README.md
 echo "[main] results in $out/; figures and the claims report (claims.md, claims.html) in figures/"

@@ -14,6 +14,7 @@ and the built site checked in a real browser.
 from __future__ import annotations
 
 import ast
+import contextlib
 import doctest
 import functools
 import http.server
@@ -176,9 +177,9 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def served(site: Path) -> Iterator[str]:
-    handler = functools.partial(_Quiet, directory=str(site))
+@contextlib.contextmanager
+def _serve(folder: Path) -> Iterator[str]:
+    handler = functools.partial(_Quiet, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -187,6 +188,12 @@ def served(site: Path) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def served(site: Path) -> Iterator[str]:
+    with _serve(site) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +270,24 @@ def test_page_renders_in_chromium(browser, served: str, page: str, needs_maths: 
     assert not broken, f"figures not loaded on /{page}: {broken}"
     problems = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
     assert not problems, f"console messages on /{page}: {problems}"
+
+
+def test_claims_html_opens_with_every_figure(browser) -> None:
+    """figures/claims.html, as committed, opens in Chromium with every figure loaded."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with _serve(ROOT) as url:
+        browser.get_log("browser")
+        browser.get(f"{url}/figures/claims.html")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.execute_script(
+            "return document.readyState == 'complete' && "
+            "Array.from(document.images).every(i => i.complete)"))
+        images = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth])")
+        problems = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")
+                    and "favicon.ico" not in e["message"]]  # the browser's own request, not the page's
+    assert images, "figures/claims.html shows no figure"
+    broken = [src for src, width in images if width == 0]
+    assert not broken, f"figures not loaded in figures/claims.html: {broken}"
+    assert not problems, f"console messages on figures/claims.html: {problems}"

@@ -75,3 +75,31 @@ def test_report_lists_every_experiment_that_never_ran_with_its_command(results):
 def test_report_refuses_the_folder_of_one_experiment(results):
     with pytest.raises(ValueError, match="results folder of one experiment; give its parent"):
         write_report(results / "runs" / e7.NAME, results / "x" / "claims.md")
+
+
+def test_readme_states_the_committed_report_summary():
+    """The README's claims table is the summary of figures/claims.md, byte for byte."""
+    from pathlib import Path
+
+    from experiments.suite.report import README_END, README_START, summary_table
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
+    assert block == summary_table((root / "figures" / "claims.md").read_text(encoding="utf-8"))
+
+
+def test_sync_readme_fills_the_block_and_refuses_a_readme_without_one(tmp_path):
+    from experiments.suite.report import README_END, README_START, sync_readme
+
+    claims = tmp_path / "claims.md"
+    table = "| a | b |\n|---|---|\n| x | **supported** |"
+    claims.write_text(f"# Claims report\n\n## Summary\n\n{table}\n\n## More\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold\n{README_END}\nrest\n")
+    assert sync_readme(readme, claims) is True
+    assert readme.read_text() == f"intro\n{README_START}\n{table}\n{README_END}\nrest\n"
+    assert sync_readme(readme, claims) is False
+    (tmp_path / "bare.md").write_text("no block\n")
+    with pytest.raises(ValueError, match="claims-summary"):
+        sync_readme(tmp_path / "bare.md", claims)
