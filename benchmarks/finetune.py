@@ -2,7 +2,7 @@
 
 Issue 5 ("Benchmark"): equal step budgets, 3 seeds, sequences of at most 64 tokens, on the CPU;
 accuracy, steps and seconds to 0.8 validation accuracy, step time and peak memory as ratios to
-full fine-tuning. Every run goes through :func:`experiments.train.train` in a fresh process (so
+full fine-tuning. Every run goes through :func:`experiments.training.loop.train` in a fresh process (so
 its peak resident memory is its own) and lives in ``--runs-dir/<method>-seed<s>``; a finished run
 is reused, an interrupted one resumes from its checkpoint, so the script can be stopped and run
 again.
@@ -53,8 +53,9 @@ from _common import cpu_model
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from experiments.records import provenance, read_json, read_rows, write_json  # noqa: E402
-from experiments.train import TrainConfig, train  # noqa: E402
+from experiments.training.config import TrainConfig  # noqa: E402
+from experiments.training.loop import train  # noqa: E402
+from experiments.training.records import provenance, read_json, read_rows, write_json  # noqa: E402
 
 # name -> (method, options, lr, label)
 METHODS: dict[str, tuple[str, dict[str, Any], float, str]] = {

@@ -41,7 +41,7 @@ TIMEOUT = 4 * 3600
 
 
 def _job_args(n: int, tile: int) -> list[str]:
-    return ["-m", "experiments.kernel_job", "--model", "minilm", "--dataset", "rotten_tomatoes",
+    return ["-m", "experiments.distributed.kernel_job", "--model", "minilm", "--dataset", "rotten_tomatoes",
             "--examples", str(n), "--max-length", str(MAX_LENGTH), "--params", "all", "--output", "trace",
             "--tile", str(tile), "--model-dtype", "float32", "--dtype", "float64", "--device", "cpu",
             "--no-progress"]

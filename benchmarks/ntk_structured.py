@@ -99,8 +99,8 @@ def _mlp():
 
 
 def _minilm(n: int, propulsion: bool = False):
-    from experiments.data import load_rotten_tomatoes
-    from experiments.models import load_model, load_tokenizer
+    from experiments.data.datasets import load_rotten_tomatoes
+    from experiments.data.models import load_model, load_tokenizer
 
     model = load_model("minilm", 2)
     if propulsion:

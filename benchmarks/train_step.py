@@ -150,8 +150,8 @@ def _method_options(cfg: Config, method: str) -> dict[str, Any]:
 
 def make_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
     """``n_batches`` batches of real Rotten Tomatoes sentences, each ``(batch_size, seq_len)``."""
-    from experiments.data import load_rotten_tomatoes
-    from experiments.models import load_tokenizer
+    from experiments.data.datasets import load_rotten_tomatoes
+    from experiments.data.models import load_tokenizer
 
     need = cfg.batch_size * cfg.n_batches
     splits = load_rotten_tomatoes(cfg.seed, max_examples=max(4 * need, 200))
@@ -170,8 +170,8 @@ def make_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
 def build(cfg: Config, method: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
     """A freshly loaded MiniLM prepared as ``method``, in train mode, and AdamW over its trainable
     parameters; also the number of trainable parameters."""
-    from experiments.methods import prepare
-    from experiments.models import load_model
+    from experiments.data.models import load_model
+    from experiments.training.methods import prepare
 
     model = load_model(cfg.model, num_labels=cfg.num_labels, dtype=_dtype(cfg), device=cfg.device,
                        seed=cfg.seed)
@@ -382,8 +382,8 @@ def bench_memory(cfg: Config) -> dict[str, Any]:
 # inference: plain vs merged vs unmerged Propulsion
 # ---------------------------------------------------------------------------------------------
 def bench_inference(cfg: Config, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    from experiments.methods import prepare
-    from experiments.models import load_model
+    from experiments.data.models import load_model
+    from experiments.training.methods import prepare
     from propulsion import PropulsionLayer, merge_and_unload, propulsion_layers
 
     def plain() -> torch.nn.Module:

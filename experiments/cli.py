@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from experiments.offline import OFFLINE_PACKAGES, OfflineResourceMissing, find_resource
-from experiments.processes import writable_folder
+from experiments.data.offline import OFFLINE_PACKAGES, OfflineResourceMissing, find_resource
+from experiments.training.processes import writable_folder
 from ntk import KernelTooLargeError
 
 __all__ = ["main"]
 
 
 def cmd_info(_: argparse.Namespace) -> int:
-    from experiments.records import PACKAGES, package_version
+    from experiments.training.records import PACKAGES, package_version
 
     print(f"python        {platform.python_version()} ({sys.executable})")
     for dist in PACKAGES:
@@ -138,8 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_sweep(args: argparse.Namespace, names: list[str], overrides: dict[str, str]) -> int:
     """Independent runs of one experiment over the cartesian product of ``--sweep`` values, spread
     over torchrun ranks or ``--workers`` local processes, each resumable, gathered in one table."""
+    from experiments.distributed.sweep import parse_sweep, run_sweep
     from experiments.suite import EXPERIMENTS, sweep_unit
-    from experiments.sweep import parse_sweep, run_sweep
 
     if args.name == "all" or len(names) != 1:
         raise ValueError("--sweep runs one experiment; name it instead of 'all'")
@@ -184,7 +184,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from experiments.train import main as train_main
+    from experiments.training.loop import main as train_main
 
     return train_main(args.rest)
 
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
 
-    from experiments.kernel_job import add_kernel_parser
+    from experiments.distributed.kernel_job import add_kernel_parser
 
     add_kernel_parser(sub)
 

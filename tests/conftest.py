@@ -42,7 +42,7 @@ def _private_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """Folder of the offline MiniLM; fails (never skips) when the package is missing."""
-    from experiments.offline import minilm_dir
+    from experiments.data.offline import minilm_dir
 
     return minilm_dir()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.data import (
+from experiments.data.datasets import (
     DATASETS,
     SplitRecordError,
     TextSplits,
@@ -18,7 +18,7 @@ from experiments.data import (
     split_record_path,
     stratified_split,
 )
-from experiments.offline import OfflineResourceMissing
+from experiments.data.offline import OfflineResourceMissing
 
 
 @pytest.fixture(autouse=True)

@@ -65,12 +65,13 @@ def _torchrun(nproc: int, *args: str, stop_after: int | None = None) -> subproce
 
 
 def _kernel_job(nproc: int, out: Path, stop_after: int | None = None) -> subprocess.CompletedProcess:
-    return _torchrun(nproc, "-m", "experiments.kernel_job", *ARGS, "--out", str(out), stop_after=stop_after)
+    return _torchrun(nproc, "-m", "experiments.distributed.kernel_job", *ARGS, "--out", str(out),
+                     stop_after=stop_after)
 
 
 def _in_process(out: Path, monkeypatch, stop_after: int | None = None) -> int:
     """The same job in this process (one rank, no torchrun); returns the exit code."""
-    from experiments.kernel_job import main
+    from experiments.distributed.kernel_job import main
 
     monkeypatch.syspath_prepend(str(ROOT / "tests"))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
@@ -111,7 +112,7 @@ def _check(out: Path) -> None:
 
 # ------------------------------------------------------------------ tests
 def test_parse_sweep_is_the_cartesian_product():
-    from experiments.sweep import parse_sweep
+    from experiments.distributed.sweep import parse_sweep
 
     units = parse_sweep(["degree=1,5,15", "seed=0,1", "lr=1e-3", "task=rotten_tomatoes,imdb"])
     assert len(units) == 12 and units[0] == {"degree": 1, "seed": 0, "lr": 0.001, "task": "rotten_tomatoes"}
@@ -123,7 +124,7 @@ def test_parse_sweep_is_the_cartesian_product():
 
 
 def test_sweep_resumes_and_redoes_only_unfinished_units(tmp_path):
-    from experiments.sweep import SweepError, parse_sweep, run_sweep, unit_id
+    from experiments.distributed.sweep import SweepError, parse_sweep, run_sweep, unit_id
 
     units = [*parse_sweep(["a=0,1", "b=0,1"]), {"a": 9, "b": 9, "fail": True}]
     with pytest.raises(SweepError, match="1 of 5 units failed"):
@@ -140,7 +141,7 @@ def test_sweep_resumes_and_redoes_only_unfinished_units(tmp_path):
 
 
 def test_sweep_with_explicit_ranks_and_a_corrupt_unit(tmp_path):
-    from experiments.sweep import SweepError, gather_sweep, parse_sweep, run_sweep, unit_id
+    from experiments.distributed.sweep import SweepError, gather_sweep, parse_sweep, run_sweep, unit_id
 
     units = parse_sweep(["a=0,1,2", "b=0"])
     with pytest.warns(UserWarning, match="unfinished"):
@@ -156,7 +157,7 @@ def test_sweep_with_explicit_ranks_and_a_corrupt_unit(tmp_path):
 def test_kernel_config_validation_and_parser():
     import argparse
 
-    from experiments.kernel_job import KernelJobConfig, _config, add_kernel_parser
+    from experiments.distributed.kernel_job import KernelJobConfig, _config, add_kernel_parser
 
     for bad, match in [({"n": 0}, "n must"), ({"output": "mean"}, "output must"),
                        ({"dtype": "bfloat16"}, "dtype must"), ({"split2": "dev"}, "split2 must"),
@@ -178,7 +179,12 @@ def test_named_model_and_data_set(tmp_path, minilm_path):
     from conftest import RTOL, assert_close_rel
 
     import ntk
-    from experiments.kernel_job import KernelJobConfig, load_job_inputs, load_job_model, run_kernel_job
+    from experiments.distributed.kernel_job import (
+        KernelJobConfig,
+        load_job_inputs,
+        load_job_model,
+        run_kernel_job,
+    )
 
     cfg = KernelJobConfig(n=5, offset=3, split2="validation", n2=3, tile_size=2, params="bias", max_length=16,
                           progress=False, threads=torch.get_num_threads())
@@ -192,7 +198,7 @@ def test_named_model_and_data_set(tmp_path, minilm_path):
 
 @pytest.mark.distributed
 def test_sweep_over_local_processes(tmp_path):
-    from experiments.sweep import parse_sweep, run_sweep
+    from experiments.distributed.sweep import parse_sweep, run_sweep
 
     units = parse_sweep(["a=0,1,2", "b=0,1"])
     table = run_sweep(units, sweep_unit, tmp_path, local_workers=2, progress=False)
@@ -258,6 +264,6 @@ def test_sweep_over_two_ranks_gathers_every_unit_once(tmp_path):
 
 
 if __name__ == "__main__":  # the sweep entry launched by torchrun above
-    from experiments.sweep import parse_sweep, run_sweep
+    from experiments.distributed.sweep import parse_sweep, run_sweep
 
     run_sweep(parse_sweep(["a=0,1,2", "b=0,1"]), sweep_unit, Path(sys.argv[1]), progress=False)

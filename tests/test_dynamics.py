@@ -1,7 +1,7 @@
-"""Kernel snapshots along training (experiments.dynamics) and the kernel predictor.
+"""Kernel snapshots along training (experiments.dynamics.tracking) and the kernel predictor.
 
 The callbacks are driven by a small training loop of this file (:func:`drive`) with the
-trainer's real :class:`experiments.callbacks.TrainState`; every logged number is checked against
+trainer's real :class:`experiments.training.callbacks.TrainState`; every logged number is checked against
 an independent computation (torch.func Jacobians, ntk's jacobian method on a copy of the model).
 """
 
@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 from torch.func import functional_call, jacrev
 
 import ntk
-from experiments.callbacks import Callback, TrainState
-from experiments.dynamics import KernelTracker, KernelTrackerConfig, jacobian, jacobian_projections
-from experiments.encoding import EncodedSplit, EncodedSplits
-from experiments.kernel_predictor import kernel_predictor_accuracy
-from experiments.methods import prepare
+from experiments.data.encoding import EncodedSplit, EncodedSplits
+from experiments.dynamics.kernel_predictor import kernel_predictor_accuracy
+from experiments.dynamics.tracking import KernelTracker, KernelTrackerConfig, jacobian, jacobian_projections
+from experiments.training.callbacks import Callback, TrainState
+from experiments.training.methods import prepare
 from ntk import metrics
 
 # --------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def tiny_data(n: int = 24, t: int = 8, num_labels: int = 3, seed: int = 0) -> En
 def drive(model, data: EncodedSplits, callbacks: list[Callback], steps: int, out_dir: Path, *,
           optimizer: str = "sgd", lr: float = 0.5, state: TrainState | None = None,
           clip_norm: float | None = 1.0, batch_size: int = 6) -> tuple[TrainState, list[dict]]:
-    """A plain training loop calling the hooks like experiments.train does (cross-entropy,
+    """A plain training loop calling the hooks like experiments.training.loop does (cross-entropy,
     clipping, warm-up schedule stepped after the optimiser). Pass ``state`` to continue."""
     rows: list[dict] = []
     if state is None:
@@ -117,7 +117,7 @@ def of_kind(rows: list[dict], kind: str) -> list[dict]:
 
 
 def reference_jacobian(model, x: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    """(N, C, P) by torch.func.jacrev per example (independent of experiments.dynamics.jacobian)."""
+    """(N, C, P) by torch.func.jacrev per example (independent of experiments.dynamics.tracking.jacobian)."""
     live = dict(model.named_parameters())
     theta = {k: live[k].detach() for k in names}
     out = []
@@ -223,7 +223,7 @@ def test_projection_estimate_is_unbiased():
 
 
 def _signs(p: int, model, names, seed: int) -> torch.Tensor:
-    from experiments.dynamics import _rademacher
+    from experiments.dynamics.tracking import _rademacher
 
     live = dict(model.named_parameters())
     v = _rademacher([(live[k].shape, live[k].dtype, live[k].device) for k in names], seed, 0)
@@ -287,10 +287,12 @@ class Interrupt(Callback):
 
 
 def test_with_the_trainer_and_its_resume(tmp_path):
-    """Both trackers inside experiments.train.train; an interrupted, resumed run records the same rows."""
-    from experiments.linearised import LinearisedTracker
-    from experiments.records import TIMING_COLUMNS
-    from experiments.train import TrainConfig, train
+    """Both trackers inside experiments.training.loop.train; an interrupted, resumed run records the
+    same rows."""
+    from experiments.dynamics.linearised import LinearisedTracker
+    from experiments.training.config import TrainConfig
+    from experiments.training.loop import train
+    from experiments.training.records import TIMING_COLUMNS
 
     cfg = TrainConfig(method="propulsion", method_options={"degree": 3}, lr=0.05, steps=8, batch_size=6,
                       eval_every=4, checkpoint_every=4, warmup_steps=2, schedule="linear", seed=0)

@@ -13,7 +13,7 @@ import torch
 from conftest import RTOL, assert_close_rel
 
 import ntk
-from experiments import similarity as S
+from experiments.dynamics import similarity as S
 from experiments.suite import e1_kernel_similarity as E
 from experiments.suite.base import Store
 from propulsion import PropulsionConfig, get_propulsion_model
@@ -134,7 +134,7 @@ def test_transformer_sets_lora_and_ia3_match_the_jacobian_reference():
     lora = S.lora_model(model, rank=2, b_std=0.02, seed=3)
     blocks = ntk.empirical_ntk(lora, x, params="lora", output="trace", method="jacobian", per_layer=True)
     assert all(blocks[n].abs().max() > 0 for n in blocks if "lora_A" in n)  # B != 0: A-block alive
-    from experiments.methods import prepare
+    from experiments.training.methods import prepare
 
     ia3 = prepare(copy.deepcopy(model), "ia3", head="frozen")
     assert_close_rel(ks["ia3"], _reference(ia3, x, lambda n, _: "ia3_l" in n), RTOL[F64])

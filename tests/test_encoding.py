@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments.data import TextSplits, load_dataset
-from experiments.encoding import EncodedSplits, encode_splits, tokenizer_identity
-from experiments.models import load_tokenizer
+from experiments.data.datasets import TextSplits, load_dataset
+from experiments.data.encoding import EncodedSplits, encode_splits, tokenizer_identity
+from experiments.data.models import load_tokenizer
 
 pytestmark = pytest.mark.realmodel
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_dynamics import drive, of_kind, one_thread, tiny_bert, tiny_data  # noqa: F401 (fixture)
 from torch import nn
 
-from experiments.linearised import LinearisedModel, LinearisedTracker
+from experiments.dynamics.linearised import LinearisedModel, LinearisedTracker
 
 
 class FeatureHead(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from zoo import MLP
 
-from experiments.memory_accounting import (
+from experiments.training.memory_accounting import (
     SavedTensors,
     account_grid,
     account_method,
@@ -20,7 +20,7 @@ from experiments.memory_accounting import (
     optimizer_state_bytes,
     optimizer_temporary_bytes,
 )
-from experiments.methods import prepare
+from experiments.training.methods import prepare
 
 F32 = 4
 

@@ -1,4 +1,4 @@
-"""experiments.methods.prepare: every method on tiny models and on the offline MiniLM."""
+"""experiments.training.methods.prepare: every method on tiny models and on the offline MiniLM."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from zoo import MLP, TinyTransformer
 
-from experiments.methods import METHODS, parameter_table, prepare
+from experiments.training.methods import METHODS, parameter_table, prepare
 from propulsion import PropulsionConfig, is_propulsion_model
 
 

@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import offline
-from experiments.models import MODEL_SPECS, MODELS, load_model, load_tokenizer
-from experiments.offline import OFFLINE_PACKAGES, OfflineResourceMissing, install_command, join_and_extract
+from experiments.data import offline
+from experiments.data.models import MODEL_SPECS, MODELS, load_model, load_tokenizer
+from experiments.data.offline import (
+    OFFLINE_PACKAGES,
+    OfflineResourceMissing,
+    install_command,
+    join_and_extract,
+)
 
 
 @pytest.fixture(autouse=True)

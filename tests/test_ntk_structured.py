@@ -374,7 +374,7 @@ def test_peft_ia3_vectors_in_a_parameter_dict_get_their_kernel():
     attribute them to the IA3 layer (it once returned an all-zero kernel here)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from experiments.methods import prepare
+    from experiments.training.methods import prepare
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,

@@ -18,7 +18,7 @@ def tiny_bert(monkeypatch, tmp_path):
     """``load_model`` returns a 1-layer BERT of hidden size 16 (MiniLM's vocabulary), seeded."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    import experiments.models
+    import experiments.data.models
 
     calls = []
 
@@ -36,7 +36,7 @@ def tiny_bert(monkeypatch, tmp_path):
         )
         return BertForSequenceClassification(config).to(device=device, dtype=dtype).eval()
 
-    monkeypatch.setattr(experiments.models, "load_model", load_model)
+    monkeypatch.setattr(experiments.data.models, "load_model", load_model)
     monkeypatch.setenv("PROPULSION_NTK_CACHE", str(tmp_path / "cache"))
     return calls
 
@@ -359,8 +359,8 @@ def test_probe_then_z_freezes_the_probe_head_and_trains_only_backbone_z(tiny_ber
 
     from safetensors.torch import save_file
 
-    import experiments.models
-    from experiments.methods import prepare
+    import experiments.data.models
+    from experiments.training.methods import prepare
 
     e3 = get_experiment("e3")
     config = e3.PRESETS["tiny"]
@@ -368,7 +368,7 @@ def test_probe_then_z_freezes_the_probe_head_and_trains_only_backbone_z(tiny_ber
     cfg, lr = e3.run_config(config, run, {f"propulsion_k{run['degree']}": 3e-3})
     assert lr == 3e-3 and cfg.head == "frozen" and cfg.dropout == 0.0
     model = prepare(
-        experiments.models.load_model("minilm", 2), cfg.method, head=cfg.head, **cfg.prepare_options()
+        experiments.data.models.load_model("minilm", 2), cfg.method, head=cfg.head, **cfg.prepare_options()
     )
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all("propulsion_z" in n and not n.startswith("classifier") for n in trained)
@@ -413,15 +413,15 @@ def test_train_config_reads_the_shared_fields_and_method_spec_sets_the_degree():
 def test_isolated_run_trains_in_another_process(tmp_path, monkeypatch):
     """e5 trains each run in a fresh process on a CPU (its RSS peak is its own); the parent only
     reads the stored result, so a parent whose model loader fails still gets the rows."""
-    import experiments.models
+    import experiments.data.models
     from experiments.suite._training import run_training
     from experiments.suite.base import ExperimentConfig, Store
-    from experiments.train import TrainConfig
+    from experiments.training.config import TrainConfig
 
     def no_loading_here(*args, **kwargs):
         raise AssertionError("the parent process loaded a model")
 
-    monkeypatch.setattr(experiments.models, "load_model", no_loading_here)
+    monkeypatch.setattr(experiments.data.models, "load_model", no_loading_here)
     monkeypatch.setenv("PROPULSION_NTK_CACHE", str(tmp_path / "cache"))
     store = Store(tmp_path, "iso", ExperimentConfig())
     config = TrainConfig(
@@ -483,12 +483,12 @@ def test_report_lists_the_toolkits_hypothesis_apart_from_the_papers_claims(tmp_p
 def test_signgd_kernel_diagonal_is_the_l1_norm_of_the_gradients_and_it_predicts(tiny_bert):
     """Sign-GD kernel (the Adam option of e6): K(x, x) = sum_c ||J_c(x)||_1, K(x, x') = <J(x), sign J(x')>;
     too large a Jacobian is refused with the numbers."""
-    import experiments.models
-    from experiments.dynamics import jacobian, model_inputs
-    from experiments.methods import prepare
+    import experiments.data.models
+    from experiments.dynamics.tracking import jacobian, model_inputs
+    from experiments.training.methods import prepare
 
     e6 = get_experiment("e6")
-    model = prepare(experiments.models.load_model("minilm", 2), "propulsion", head="train", degree=3)
+    model = prepare(experiments.data.models.load_model("minilm", 2), "propulsion", head="train", degree=3)
     torch.manual_seed(0)
     ids = torch.randint(1000, 2000, (6, 7))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1] * 3)}

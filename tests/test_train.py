@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.callbacks import Callback, TrainState
-from experiments.encoding import EncodedSplit, EncodedSplits
-from experiments.records import EVAL_COLUMNS, TEST_COLUMNS, TIMING_COLUMNS, TRAIN_COLUMNS, macro_f1
-from experiments.train import TrainConfig, lr_factor, main, train
+from experiments.data.encoding import EncodedSplit, EncodedSplits
+from experiments.training.callbacks import Callback, TrainState
+from experiments.training.config import TrainConfig
+from experiments.training.loop import lr_factor, main, train
+from experiments.training.records import EVAL_COLUMNS, TEST_COLUMNS, TIMING_COLUMNS, TRAIN_COLUMNS, macro_f1
 
 VOCAB, LENGTH, MARKER = 12, 8, 2
 
@@ -281,9 +282,9 @@ def minilm_slice(tmp_path_factory):
     """(base model, encoded splits) through the data helpers, caches in a temporary folder."""
     import os
 
-    from experiments.data import load_dataset
-    from experiments.encoding import encode_splits
-    from experiments.models import load_model, load_tokenizer
+    from experiments.data.datasets import load_dataset
+    from experiments.data.encoding import encode_splits
+    from experiments.data.models import load_model, load_tokenizer
 
     cache = tmp_path_factory.mktemp("cache")
     splits = load_dataset("rotten_tomatoes", seed=0, max_examples=60, split_dir=cache / "splits")
@@ -303,7 +304,7 @@ SMOKE = [("full", {}, 5e-5), ("propulsion", {"degree": 5}, 1e-2),
 
 
 def test_smoke_list_covers_every_method():
-    from experiments.methods import METHODS
+    from experiments.training.methods import METHODS
 
     assert {m for m, _, _ in SMOKE} == set(METHODS)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from experiments.processes import folder_lock
 from experiments.suite.base import ExperimentConfig, MissingResultError, Store
+from experiments.training.processes import folder_lock
 
 __all__ = ["EXPERIMENTS", "PRESET_NAMES", "get_experiment", "run_experiment", "draw_figures",
-           "write_report", "open_results", "sweep_unit", "fill_command"]
+           "write_report", "open_results", "present_experiments", "sweep_unit", "fill_command"]
 
 PRESET_NAMES = ("tiny", "quick", "study", "full")
 _REQUIRED = ("NAME", "TITLE", "CLAIMS", "Config", "PRESETS", "main", "figures", "verdicts")
@@ -100,7 +100,13 @@ def run_experiment(name: str, preset: str = "quick", *, out: str | Path = "runs/
     return store
 
 
-def _present(results_dir: str | Path) -> list[ModuleType]:
+def present_experiments(results_dir: str | Path) -> list[ModuleType]:
+    """The experiment modules with results (a ``NAME/config.json``) in ``results_dir``, in order.
+
+    Raises:
+        ValueError: ``results_dir`` is a file or the folder of one experiment (the message says which).
+        MissingResultError: no experiment results in ``results_dir``.
+    """
     root = Path(results_dir)
     if root.exists() and not root.is_dir():
         raise ValueError(f"{root} is a file, not a results folder; give the folder that `propulsion-ntk run` "
@@ -128,7 +134,7 @@ def draw_figures(results_dir: str | Path = "runs/suite", fig_dir: str | Path = "
         MissingResultError: no results at all, or an experiment's results lack a unit (named).
     """
     paths: list[Path] = []
-    for module in _present(results_dir):
+    for module in present_experiments(results_dir):
         paths += module.figures(open_results(results_dir, module.NAME), Path(fig_dir))
     return paths
 
@@ -148,7 +154,7 @@ def sweep_unit(unit: dict[str, Any], workdir: Path) -> Any:
     """One unit of ``propulsion-ntk run NAME --sweep ...``: run the experiment with the unit's
     overrides into ``workdir`` (resumable there) and return its verdicts as a table, one row per
     verdict, with the overrides as columns. ``unit`` holds ``experiment``, ``preset``,
-    ``device`` and the swept config fields (see :func:`experiments.sweep.run_sweep`)."""
+    ``device`` and the swept config fields (see :func:`experiments.distributed.sweep.run_sweep`)."""
     import pandas as pd
 
     overrides = {k: v for k, v in unit.items() if k not in SWEEP_KEYS}

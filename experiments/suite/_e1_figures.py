@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from experiments import similarity
+from experiments.dynamics import similarity
 from experiments.suite.base import Store
 
 _VARIANT_COLORS = {"pretrained": "#D55E00", "random": "#0072B2"}

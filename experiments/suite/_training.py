@@ -1,6 +1,6 @@
 """Fine-tuning runs as units of a suite experiment: resumable, tagged, summarised.
 
-A unit is one :func:`experiments.train.train` run. Its training folder is
+A unit is one :func:`experiments.training.loop.train` run. Its training folder is
 ``<store>/train/<unit>`` (checkpoints there make an interrupted run resume); once it finishes,
 its rows, tagged with the run's identity, are saved as the unit's table, so figures and
 verdicts read only saved tables. :func:`summarise` turns the rows of many runs into one row
@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from experiments.callbacks import Callback
-from experiments.encoding import EncodedSplits
-from experiments.processes import die_with_parent
-from experiments.records import read_json
+from experiments.data.encoding import EncodedSplits
 from experiments.suite.base import Store
-from experiments.train import TrainConfig, train
+from experiments.training.callbacks import Callback
+from experiments.training.config import TrainConfig
+from experiments.training.loop import train
+from experiments.training.processes import die_with_parent
+from experiments.training.records import read_json
 
 __all__ = ["run_training", "summarise", "steps_to", "SUMMARY_COLUMNS", "METHOD_SPECS", "method_spec",
            "train_config", "seeds_to_decide"]
@@ -177,7 +178,7 @@ _RECORDED = frozenset(
 )
 
 # ------------------------------------------------------------------------ methods and configs ---
-# name -> (experiments.methods method, its options, head). Every experiment that fine-tunes
+# name -> (experiments.training.methods method, its options, head). Every experiment that fine-tunes
 # names its runs by these keys; a degree given to :func:`method_spec` replaces Propulsion's.
 METHOD_SPECS: dict[str, tuple[str, tuple[tuple[str, object], ...], str]] = {
     "full": ("full", (), "train"),

@@ -3,7 +3,7 @@
 The paper's central claim (Theorem 1): the kernel of the z vectors, K_P, approximates the kernel
 of all weights, K_F. Per layer the two differ in the metric on layer inputs (identity for K_F,
 ``k^2 w_j w_j^T`` per output unit for K_P), so they can only agree up to a scalar; everything
-here is scale-free. Kernels (N, N, C, C) come from ``experiments.similarity.method_kernels`` on:
+here is scale-free. Kernels (N, N, C, C) come from ``experiments.dynamics.similarity.method_kernels`` on:
 
 * MiniLM (BERT encoder), pre-trained and with random weights, and SmolLM2-135M (LLaMA decoder,
   pre-trained) on N Rotten Tomatoes sentences (balanced, padded to ``max_length``), C = 2;
@@ -72,7 +72,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from experiments import similarity
+from experiments.dynamics import similarity
 from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
 from experiments.suite.stats import Interval, hierarchical_interval, mean_interval
 
@@ -282,8 +282,8 @@ def sentences(config: Config, seed: int, family: str = "minilm", n: int | None =
               ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """N Rotten Tomatoes training sentences, balanced over the labels and sorted by label, as
     ``input_ids`` / ``attention_mask`` (N, max_length) of ``family``'s tokenizer, and their labels."""
-    from experiments.data import load_rotten_tomatoes
-    from experiments.models import load_tokenizer
+    from experiments.data.datasets import load_rotten_tomatoes
+    from experiments.data.models import load_tokenizer
 
     n = config.examples(family) if n is None else n
     train = load_rotten_tomatoes(seed=seed).train

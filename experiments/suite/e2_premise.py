@@ -54,7 +54,7 @@ WEIGHTS = ("pretrained", "random")
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
     models: tuple[str, ...] = field(
-        default=("minilm",), metadata={"help": "offline models (experiments.models): minilm, smollm2"})
+        default=("minilm",), metadata={"help": "offline models (experiments.data.models): minilm, smollm2"})
     n_seeds: int = field(default=1, metadata={"help": "seeds seed .. seed + n_seeds - 1 (sentences, inputs)"})
     n_sentences: int = field(default=16, metadata={"help": "Rotten Tomatoes sentences fed to the model"})
     max_length: int = field(default=32, metadata={"help": "tokens per sentence at most"})
@@ -142,7 +142,7 @@ def distortion(W: torch.Tensor, X: torch.Tensor) -> dict[str, float]:
 # ------------------------------------------------------------------------------- compute -----
 def _linear_layers(model: nn.Module, layer_filter: str = "") -> dict[str, nn.Linear]:
     """Every nn.Linear outside the classification head (whose name ``layer_filter`` finds)."""
-    from experiments.methods import find_head
+    from experiments.training.methods import find_head
 
     heads = find_head(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
@@ -255,8 +255,8 @@ def unit_name(model: str, weights: str, seed: int) -> str:
 def main(config: Config, store: Store, *, progress: bool = False) -> None:
     """Tables ``layers/<unit>`` for pre-trained and random W of every model and seed, and the
     singular values ``spectra/<unit>`` of the first seed."""
-    from experiments.data import load_rotten_tomatoes
-    from experiments.models import load_model, load_tokenizer
+    from experiments.data.datasets import load_rotten_tomatoes
+    from experiments.data.models import load_model, load_tokenizer
 
     device = config.resolve_device()
     for model_name in config.models:

@@ -5,12 +5,12 @@ constant, so the model behaves like its linearisation). With z in [0.98, 1.02], 
 reports after training, z**k spans [0.33, 2.97] for k = 55, so the regime should weaken as k
 grows. Each run fine-tunes with two callbacks on a fixed probe set of validation examples:
 
-- :class:`experiments.dynamics.KernelTracker`: the trained parameters' NTK (trace over logits)
+- :class:`experiments.dynamics.tracking.KernelTracker`: the trained parameters' NTK (trace over logits)
   and the Jacobian drift ``||J_t - J_0|| / ||J_0||``; from the saved kernels this experiment
   computes the *centred* kernel distance ``1 - CKA(K_t, K_0)`` (CKA centres over examples, so a
   constant block that dominates the raw kernel cannot hide a change of its shape; the uncentred
   ``1 - cos(K_t, K_0)`` is kept for reference only);
-- :class:`experiments.linearised.LinearisedTracker`: a first-order Taylor model around the
+- :class:`experiments.dynamics.linearised.LinearisedTracker`: a first-order Taylor model around the
   initial parameters trained in lock-step; the relative gap of its logits to the real model's.
 
 The head is an explicit factor (three treatments, each at the same z learning rate):
@@ -44,14 +44,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from experiments.callbacks import Callback, TrainState
-from experiments.dynamics import KernelTracker, KernelTrackerConfig
+from experiments.dynamics.linearised import LinearisedTracker
+from experiments.dynamics.tracking import KernelTracker, KernelTrackerConfig
 from experiments.figures import method_color, new_figure, save_figure, style
-from experiments.linearised import LinearisedTracker
 from experiments.suite import _tuning
 from experiments.suite._training import run_training, seeds_to_decide, train_config
 from experiments.suite.base import ExperimentConfig, Store, Verdict, rule_text
 from experiments.suite.stats import Interval, decide_interval, mean_interval
+from experiments.training.callbacks import Callback, TrainState
 
 NAME = "e3_kernel_regime"
 TITLE = "Kernel regime during training: centred kernel drift, Jacobian drift and linearisation gap against k"

@@ -35,7 +35,7 @@ from experiments.figures import method_color, new_figure, save_figure, style
 from experiments.suite._training import run_training, summarise, train_config
 from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
 from experiments.suite.stats import Interval, mean_interval
-from experiments.train import TrainConfig
+from experiments.training.config import TrainConfig
 
 NAME = "e4_degree_lr"
 TITLE = "Degree versus learning rate: (k, lr) against (1, k lr) under Adam and (1, k^2 lr) under SGD"

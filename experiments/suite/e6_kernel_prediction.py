@@ -34,13 +34,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from experiments.encoding import EncodedSplit, EncodedSplits
+from experiments.data.encoding import EncodedSplit, EncodedSplits
 from experiments.figures import method_color, new_figure, save_figure, style
 from experiments.suite import _tuning
 from experiments.suite._training import METHOD_SPECS, run_training, seeds_to_decide, summarise, train_config
 from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
 from experiments.suite.stats import Interval, mean_interval
-from experiments.train import TrainConfig
+from experiments.training.config import TrainConfig
 
 NAME = "e6_kernel_prediction"
 TITLE = "Kernel prediction versus fine-tuning: kernel regression with each method's initial kernel"
@@ -170,9 +170,9 @@ def _take(split: EncodedSplit, index: torch.Tensor) -> EncodedSplit:
 def few_shot_data(config: Config, draw: int) -> EncodedSplits:
     """Draw ``draw``: ``shots`` training examples per class, and ``n_validation`` / ``n_test``
     examples of seeded permutations of the validation / test splits (same draw: same examples)."""
-    from experiments.data import load_dataset
-    from experiments.encoding import encode_splits
-    from experiments.models import load_tokenizer
+    from experiments.data.datasets import load_dataset
+    from experiments.data.encoding import encode_splits
+    from experiments.data.models import load_tokenizer
 
     full = encode_splits(
         load_dataset(config.dataset, seed=0), load_tokenizer(config.model), max_length=config.max_length
@@ -225,7 +225,7 @@ def signgd_kernels(
     Raises:
         ValueError: the Jacobians would exceed ``max_bytes`` (use the NTK, or fewer examples).
     """
-    from experiments.dynamics import eval_mode, jacobian, logits_of, model_inputs
+    from experiments.dynamics.tracking import eval_mode, jacobian, logits_of, model_inputs
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     p = sum(t.numel() for n, t in model.named_parameters() if n in names)
@@ -251,8 +251,8 @@ def signgd_predict(
     """Kernel regression with :func:`signgd_kernels`: ``alpha = (K_train + ridge m I)^{-1} Y`` (a
     general solve, the kernel being asymmetric; ``m`` its mean diagonal, ``Y`` centred one-hot
     targets), ``scores = K(test, train) alpha``; accuracy, macro-F1 and the fit on the training set."""
-    from experiments.dynamics import eval_mode, logits_of, model_inputs
-    from experiments.records import accuracy, macro_f1
+    from experiments.dynamics.tracking import eval_mode, logits_of, model_inputs
+    from experiments.training.records import accuracy, macro_f1
     from ntk.predict import class_targets
 
     k_train, k_test = signgd_kernels(model, train, test, max_bytes=max_bytes)
@@ -276,9 +276,9 @@ def signgd_predict(
 
 
 def _kernel_unit(config: Config, data: EncodedSplits, method_name: str, seed: int) -> pd.DataFrame:
-    from experiments.kernel_predictor import kernel_predictor_accuracy
-    from experiments.methods import prepare
-    from experiments.models import load_model
+    from experiments.data.models import load_model
+    from experiments.dynamics.kernel_predictor import kernel_predictor_accuracy
+    from experiments.training.methods import prepare
 
     device = config.resolve_device()
     cfg = run_config(config, method_name, 1.0, seed)

@@ -94,7 +94,7 @@ def _analytic(model: nn.Module, suffixes: tuple[str, ...] | None, embeddings: bo
 
 def count_model(model_name: str, config: Config) -> pd.DataFrame:
     """One row per method: trainable parameters (by wrapping), analytic count, full size, share."""
-    from experiments.methods import find_head, prepare
+    from experiments.training.methods import find_head, prepare
     from propulsion import PropulsionConfig
     from propulsion.counting import ARCHITECTURES, build_on_meta, count_propulsion
 

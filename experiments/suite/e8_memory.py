@@ -2,7 +2,7 @@
 
 The paper reports 17.2 GB for Propulsion against more than 26 GB for other PEFT methods (a
 ratio of 0.66). Peak memory on a CPU says little about that, so every method is *accounted*
-(:mod:`experiments.memory_accounting`): parameters, gradients, AdamW state and the tensors
+(:mod:`experiments.training.memory_accounting`): parameters, gradients, AdamW state and the tensors
 autograd saves for backward, counted exactly in one forward on the paper's models (RoBERTa-base,
 RoBERTa-large, LLaMA-7B; meta or fake tensors, no memory needed) over batch size, sequence
 length and precision (fp32; bf16 autocast over fp32 weights; pure bf16 in the study and full
@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.memory_accounting import KINDS, METHOD_SPECS, OPTIMIZERS, PRECISIONS
 from experiments.suite.base import ExperimentConfig, Store, Verdict, make_verdict
+from experiments.training.memory_accounting import KINDS, METHOD_SPECS, OPTIMIZERS, PRECISIONS
 
 NAME = "e8_memory"
 TITLE = "Memory of a training step by kind: Propulsion against full fine-tuning, LoRA, IA3 and BitFit"
@@ -64,7 +64,8 @@ class Config(ExperimentConfig):
     models: tuple[str, ...] = field(default=("roberta-base", "roberta-large", "llama-7b"), metadata={
         "help": "paper models to account (keys of propulsion.counting.ARCHITECTURES)"})
     methods: tuple[str, ...] = field(default=tuple(METHOD_SPECS), metadata={
-        "help": "methods (experiments.memory_accounting.METHOD_SPECS); must include lora and propulsion"})
+        "help": "methods (experiments.training.memory_accounting.METHOD_SPECS); must include lora and "
+                "propulsion"})
     batch_sizes: tuple[int, ...] = field(default=(1, 8, 32), metadata={"help": "batch sizes accounted"})
     seq_lens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "sequence lengths accounted"})
     precisions: tuple[str, ...] = field(default=("fp32", "bf16-autocast"), metadata={
@@ -119,7 +120,7 @@ class Config(ExperimentConfig):
             raise ValueError(f"figure_batch_size {self.figure_batch_size} and figure_seq_len "
                              f"{self.figure_seq_len} must be in batch_sizes and seq_lens")
         if self.measure_model is not None:
-            from experiments.models import MODELS
+            from experiments.data.models import MODELS
 
             if self.measure_model not in MODELS:
                 raise ValueError(f"measure_model must be None or one of {MODELS}, got {self.measure_model!r}")
@@ -143,7 +144,7 @@ PRESETS: dict[str, Config] = {
 def main(config: Config, store: Store, *, progress: bool = False) -> None:
     """Account every (model, method, precision) not yet done (unit ``accounts/<model>/<method>/
     <precision>``), then measure the check model (unit ``measured/<model>/<method>``)."""
-    from experiments.memory_accounting import account_grid, check_against_measured
+    from experiments.training.memory_accounting import account_grid, check_against_measured
 
     for model in config.models:
         for method in config.methods:

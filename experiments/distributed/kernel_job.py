@@ -8,21 +8,22 @@ One process (CPU or one GPU)::
 
     propulsion-ntk kernel --model minilm --dataset rotten_tomatoes --n 512 --params all \\
         --output trace --tile 64 --out runs/kernel
-    python -m experiments.kernel_job --n 512 --params all --output trace --out runs/kernel
+    python -m experiments.distributed.kernel_job --n 512 --params all --output trace --out runs/kernel
 
 Several CPU processes on one machine (gloo; each rank takes cores / ranks threads)::
 
-    torchrun --standalone --nproc_per_node=2 -m experiments.kernel_job --examples 512 --out runs/kernel
+    torchrun --standalone --nproc_per_node=2 -m experiments.distributed.kernel_job --examples 512 \\
+        --out runs/kernel
 
 Several GPUs on one node (NCCL, rank r on cuda:LOCAL_RANK)::
 
-    torchrun --standalone --nproc_per_node=8 -m experiments.kernel_job --examples 8192 --tile 512 \\
-        --device cuda --out /shared/runs/kernel
+    torchrun --standalone --nproc_per_node=8 -m experiments.distributed.kernel_job --examples 8192 \\
+        --tile 512 --device cuda --out /shared/runs/kernel
 
 Several nodes (run the same line on every node; OUT must be on a shared file system)::
 
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 \\
-        --rdzv_id=kernel1 -m experiments.kernel_job --examples 65536 --tile 1024 --device cuda \\
+        --rdzv_id=kernel1 -m experiments.distributed.kernel_job --examples 65536 --tile 1024 --device cuda \\
         --out /shared/runs/kernel
 
 Under torchrun the number of examples is ``--examples`` (torchrun's argument parser reads ``--n``
@@ -51,8 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.processes import writable_folder
-from experiments.records import atomic_path, provenance, write_json
+from experiments.training.processes import writable_folder
+from experiments.training.records import atomic_path, provenance, write_json
 from ntk.tiles import (
     DistContext,
     TilesInterrupted,
@@ -74,8 +75,8 @@ SPLITS = ("train", "validation", "test")
 class KernelJobConfig:
     """What to compute. x1 = rows ``offset:offset+n`` of ``split``; x2 likewise or None (= x1)."""
 
-    model: str = "minilm"  # a name of experiments.models.MODELS or "module:function"
-    dataset: str = "rotten_tomatoes"  # a name of experiments.data.DATASETS or "module:function"
+    model: str = "minilm"  # a name of experiments.data.models.MODELS or "module:function"
+    dataset: str = "rotten_tomatoes"  # a name of experiments.data.datasets.DATASETS or "module:function"
     split: str = "train"
     n: int = 512
     offset: int = 0
@@ -84,7 +85,7 @@ class KernelJobConfig:
     offset2: int = 0
     max_length: int = 128  # tokens; batches are trimmed to their longest real sequence
     num_labels: int | None = None  # None: from the data set (2 for a factory data set)
-    prepare: str | None = None  # experiments.methods.prepare(model, prepare) first, e.g. "propulsion"
+    prepare: str | None = None  # methods.prepare(model, prepare) first, e.g. "propulsion"
     degree: int = 5  # Propulsion degree when prepare == "propulsion"
     params: str = "all"  # ntk selector: all, trainable, propulsion, lora, bias
     output: str = "trace"  # full (N1, N2, C, C), trace, diagonal (N1, N2, C), sum_logits
@@ -153,9 +154,9 @@ def _slice(x: Any, start: int, n: int, what: str) -> Any:
 
 def _token_inputs(cfg: KernelJobConfig) -> tuple[dict[str, torch.Tensor], dict | None, int]:
     """x1, x2 (or None) as input_ids / attention_mask, trimmed to one common length, and C."""
-    from experiments.data import load_dataset
-    from experiments.encoding import encode_splits
-    from experiments.models import MODELS, load_tokenizer
+    from experiments.data.datasets import load_dataset
+    from experiments.data.encoding import encode_splits
+    from experiments.data.models import MODELS, load_tokenizer
 
     if cfg.model not in MODELS:
         raise ValueError(f"data set {cfg.dataset!r} needs a named model for its tokenizer "
@@ -196,7 +197,7 @@ def load_job_inputs(cfg: KernelJobConfig) -> tuple[Any, Any, int]:
 
 
 def load_job_model(cfg: KernelJobConfig, num_labels: int, device: torch.device) -> nn.Module:
-    """The model of the config on ``device``, prepared (``experiments.methods.prepare``) if asked."""
+    """The model of the config on ``device``, prepared (``experiments.training.methods.prepare``) if asked."""
     dtype = MODEL_DTYPES[cfg.model_dtype]
     if ":" in cfg.model:
         make = _factory(cfg.model, "model")
@@ -210,11 +211,11 @@ def load_job_model(cfg: KernelJobConfig, num_labels: int, device: torch.device) 
             raise ValueError(f"the model factory {cfg.model!r} returned a {type(model).__name__}, not an "
                              "nn.Module; give a function that returns the model")
     else:
-        from experiments.models import load_model
+        from experiments.data.models import load_model
 
         model = load_model(cfg.model, num_labels, dtype=dtype, device=device, seed=cfg.seed)
     if cfg.prepare is not None:
-        from experiments.methods import prepare
+        from experiments.training.methods import prepare
 
         options: dict[str, Any] = {"degree": cfg.degree} if cfg.prepare == "propulsion" else {}
         model = prepare(model, cfg.prepare, **options)
@@ -299,7 +300,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--num-labels", type=int, default=None)
     p.add_argument("--prepare", default=None,
-                   help="experiments.methods.prepare method first (propulsion, lora, ...)")
+                   help="experiments.training.methods.prepare method first (propulsion, lora, ...)")
     p.add_argument("--degree", type=int, default=d.degree)
     p.add_argument("--params", default=d.params, help="all, trainable, propulsion, lora, bias")
     p.add_argument("--output", default=d.output, choices=OUTPUTS)
@@ -350,7 +351,7 @@ def run_kernel_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.kernel_job", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.distributed.kernel_job", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
     from experiments.cli import KNOWN_ERRORS, error_sentence

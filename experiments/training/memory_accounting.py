@@ -1,6 +1,6 @@
 """Bytes of one training step, by kind, counted exactly - on real, meta or fake tensors.
 
-One step of a method (as :func:`experiments.methods.prepare` builds it) holds, at its peak:
+One step of a method (as :func:`experiments.training.methods.prepare` builds it) holds, at its peak:
 
 =============  ==============================================================================
 kind           bytes
@@ -59,7 +59,7 @@ KINDS = ("parameters", "gradients", "optimizer", "activations")
 PRECISIONS = ("fp32", "bf16-autocast", "fp16-autocast", "bf16", "fp16")  # *-autocast: fp32 weights
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Methods as the fine-tuning experiments build them: (experiments.methods name, options).
+# Methods as the fine-tuning experiments build them: (experiments.training.methods name, options).
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
     "propulsion": ("propulsion", {"degree": 5}),
@@ -195,7 +195,7 @@ def _parameter_bytes(model: nn.Module) -> int:
 def _forward_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
     logits = out.logits if hasattr(out, "logits") else out
-    return F.cross_entropy(logits.float(), inputs["labels"])  # as experiments.train does
+    return F.cross_entropy(logits.float(), inputs["labels"])  # as experiments.training.loop does
 
 
 def _autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
@@ -222,7 +222,8 @@ def account_step(model: nn.Module, inputs: dict[str, torch.Tensor], *, optimizer
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model trains no parameter; prepare it with experiments.methods.prepare")
+        raise ValueError("the model trains no parameter; prepare it with "
+                         "experiments.training.methods.prepare")
     device_type = params[0].device.type
     if foreach is None:
         foreach = device_type == "cuda"
@@ -239,7 +240,7 @@ def account_step(model: nn.Module, inputs: dict[str, torch.Tensor], *, optimizer
 
 
 def method_options(method: str, model_type: str | None) -> tuple[str, dict[str, Any]]:
-    """``(experiments.methods name, options)`` of a :data:`METHOD_SPECS` key for a model type
+    """``(experiments.training.methods name, options)`` of a :data:`METHOD_SPECS` key for a model type
     (LoRA's query/value targets are named per architecture; the Propulsion preset resolved)."""
     if method not in METHOD_SPECS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_SPECS)}")
@@ -282,7 +283,7 @@ def build_model(name: str, method: str, *, precision: str = "fp32", num_labels: 
     """
     from transformers import AutoModelForSequenceClassification
 
-    from experiments.methods import prepare
+    from experiments.training.methods import prepare
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -436,9 +437,9 @@ def check_against_measured(model_name: str, method: str, *, batch_size: int, seq
                            optimizer: str = "adamw", device: str = "cpu", steps: int = 2,
                            seed: int = 0) -> dict[str, Any]:
     """Account and measure (:func:`measure_step`) real training steps of an offline model
-    (:func:`experiments.models.load_model`) prepared as ``method``; one row with both."""
-    from experiments.methods import prepare
-    from experiments.models import load_model
+    (:func:`experiments.data.models.load_model`) prepared as ``method``; one row with both."""
+    from experiments.data.models import load_model
+    from experiments.training.methods import prepare
 
     base = load_model(model_name, 2, device=device, seed=seed)
     kind, options = method_options(method, getattr(getattr(base, "config", None), "model_type", None))

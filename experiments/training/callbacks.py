@@ -1,4 +1,4 @@
-"""Hooks into :func:`experiments.train.train`: the live training state and a no-op base class.
+"""Hooks into :func:`experiments.training.loop.train`: the live training state and a no-op base class.
 
 A callback sees the model, optimiser and data through :class:`TrainState` and records with
 ``state.log(kind, **values)`` (one tidy row, stored with the run's rows and checkpointed with
@@ -19,16 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from experiments.encoding import EncodedSplits
-from experiments.records import RESERVED_KINDS
-
-if TYPE_CHECKING:
-    from experiments.train import TrainConfig
+from experiments.data.encoding import EncodedSplits
+from experiments.training.config import TrainConfig
+from experiments.training.records import RESERVED_KINDS
 
 __all__ = ["Callback", "TrainState"]
 

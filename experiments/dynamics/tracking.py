@@ -44,9 +44,9 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 import ntk
-from experiments.callbacks import Callback, TrainState
-from experiments.encoding import EncodedSplits
-from experiments.records import read_json, verify_file, write_bytes, write_json
+from experiments.data.encoding import EncodedSplits
+from experiments.training.callbacks import Callback, TrainState
+from experiments.training.records import read_json, verify_file, write_bytes, write_json
 from ntk import metrics
 from ntk._params import ParamSelector
 from ntk._problem import default_output_fn
@@ -63,7 +63,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 # --------------------------------------------------------------------------------------------
-# Shared helpers (also used by experiments.linearised)
+# Shared helpers (also used by experiments.dynamics.linearised)
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:

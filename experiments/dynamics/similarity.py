@@ -160,10 +160,10 @@ def minilm(pretrained: bool, *, n_out: int = 2, seed: int = 0) -> nn.Module:
 
 
 def model_at_init(name: str, pretrained: bool, *, n_out: int = 2, seed: int = 0) -> nn.Module:
-    """An offline model of ``experiments.models`` (``"minilm"``, ``"smollm2"``, ...) with its
+    """An offline model of ``experiments.data.models`` (``"minilm"``, ``"smollm2"``, ...) with its
     pre-trained weights, or the same architecture with transformers' random initialisation
     (seeded ``from_config``); the classification head is seeded in both cases. Eval mode, float32."""
-    from experiments.models import load_model
+    from experiments.data.models import load_model
 
     if pretrained:
         return load_model(name, num_labels=n_out, seed=seed)
@@ -181,7 +181,7 @@ def model_at_init(name: str, pretrained: bool, *, n_out: int = 2, seed: int = 0)
 
 
 def _heads(model: nn.Module) -> tuple[str, ...]:
-    from experiments.methods import HEAD_NAMES
+    from experiments.training.methods import HEAD_NAMES
 
     children = dict(model.named_children())
     return tuple(name for name in HEAD_NAMES if name in children)
@@ -242,7 +242,7 @@ def lora_model(model: nn.Module, *, rank: int = 8, alpha: int = 16, b_std: float
     projections (``query``/``value`` in BERT, ``q_proj``/``v_proj`` in LLaMA), head frozen;
     A drawn as peft does (``U(-1/sqrt(d_in), 1/sqrt(d_in))``) and every B ``N(0, b_std^2)``
     (peft's default B = 0 zeroes the A-block), both from ``seed``."""
-    from experiments.methods import prepare
+    from experiments.training.methods import prepare
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets = ["q_proj", "v_proj"] if model_type in ("llama", "mistral", "qwen2") else ["query", "value"]
@@ -267,7 +267,7 @@ def _slice(x: Any, n: int) -> Any:
 
 def _peft_model(model: nn.Module, method: str, *, lora_rank: int, lora_alpha: int, lora_b_std: float,
                 seed: int) -> nn.Module:
-    from experiments.methods import prepare
+    from experiments.training.methods import prepare
 
     if method == "lora":
         return lora_model(model, rank=lora_rank, alpha=lora_alpha, b_std=lora_b_std, seed=seed)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.offline import minilm_dir, mpnet_dir, set_offline_env, smollm2_gguf
+from experiments.data.offline import minilm_dir, mpnet_dir, set_offline_env, smollm2_gguf
 
 __all__ = ["MODELS", "ModelSpec", "MODEL_SPECS", "load_model", "load_tokenizer"]
 

@@ -1,0 +1,1 @@
+"""Distributed jobs: the tiled kernel job (torchrun) and the sweep of training units."""

@@ -1,0 +1,2 @@
+"""Kernel dynamics: kernel snapshots along training, the linearised model, the kernel predictor
+and kernel similarity measures."""
