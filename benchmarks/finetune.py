@@ -53,9 +53,9 @@ from _common import cpu_model
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from experiments.records import provenance, read_json, read_rows, write_json  # noqa: E402
 from experiments.training.config import TrainConfig  # noqa: E402
 from experiments.training.loop import train  # noqa: E402
-from experiments.training.records import provenance, read_json, read_rows, write_json  # noqa: E402
 
 # name -> (method, options, lr, label)
 METHODS: dict[str, tuple[str, dict[str, Any], float, str]] = {

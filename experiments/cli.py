@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from experiments.data.offline import OFFLINE_PACKAGES, OfflineResourceMissing, find_resource
-from experiments.training.processes import writable_folder
+from experiments.processes import writable_folder
 from ntk import KernelTooLargeError
 
 __all__ = ["main"]
 
 
 def cmd_info(_: argparse.Namespace) -> int:
-    from experiments.training.records import PACKAGES, package_version
+    from experiments.records import PACKAGES, package_version
 
     print(f"python        {platform.python_version()} ({sys.executable})")
     for dist in PACKAGES:

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from experiments.data.datasets import load_rotten_tomatoes
 from experiments.data.models import load_model, load_tokenizer
+from experiments.records import atomic_write
 from experiments.training.methods import parameter_table, prepare
-from experiments.training.records import atomic_write
 from propulsion import load_adapter, merge_and_unload, save_adapter
 
 __all__ = ["DemoConfig", "main"]

@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from experiments.training.records import atomic_path
+from experiments.records import atomic_path
 
 __all__ = [
     "METHOD_COLORS", "WIDTHS", "RC",

@@ -290,9 +290,9 @@ def test_with_the_trainer_and_its_resume(tmp_path):
     """Both trackers inside experiments.training.loop.train; an interrupted, resumed run records the
     same rows."""
     from experiments.dynamics.linearised import LinearisedTracker
+    from experiments.records import TIMING_COLUMNS
     from experiments.training.config import TrainConfig
     from experiments.training.loop import train
-    from experiments.training.records import TIMING_COLUMNS
 
     cfg = TrainConfig(method="propulsion", method_options={"degree": 3}, lr=0.05, steps=8, batch_size=6,
                       eval_every=4, checkpoint_every=4, warmup_steps=2, schedule="linear", seed=0)

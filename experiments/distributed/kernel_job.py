@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.training.processes import writable_folder
-from experiments.training.records import atomic_path, provenance, write_json
+from experiments.processes import writable_folder
+from experiments.records import atomic_path, provenance, write_json
 from ntk.tiles import (
     DistContext,
     TilesInterrupted,

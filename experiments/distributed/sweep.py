@@ -40,8 +40,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from experiments.training.processes import die_with_parent
-from experiments.training.records import read_json, write_bytes, write_json
+from experiments.processes import die_with_parent
+from experiments.records import read_json, write_bytes, write_json
 from ntk.tiles import DistContext, default_threads, init_distributed
 
 __all__ = ["SweepError", "parse_sweep", "unit_id", "run_sweep", "gather_sweep"]

@@ -29,7 +29,7 @@ from torch import nn
 
 import ntk
 from experiments.dynamics.tracking import eval_mode, logits_of, model_inputs
-from experiments.training.records import accuracy, macro_f1
+from experiments.records import accuracy, macro_f1
 from ntk import metrics
 from ntk._params import ParamSelector
 from ntk.predict import class_targets, kernel_regression

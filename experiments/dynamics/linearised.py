@@ -32,8 +32,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from experiments.dynamics.tracking import ProbeSet, eval_mode, forward_numerics, logits_of, model_inputs
+from experiments.records import accuracy
 from experiments.training.callbacks import Callback, TrainState
-from experiments.training.records import accuracy
 from ntk import select_parameters
 from ntk._params import ParamSelector
 

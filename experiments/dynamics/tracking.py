@@ -45,8 +45,8 @@ from torch.func import functional_call, jvp, vmap
 
 import ntk
 from experiments.data.encoding import EncodedSplits
+from experiments.records import read_json, verify_file, write_bytes, write_json
 from experiments.training.callbacks import Callback, TrainState
-from experiments.training.records import read_json, verify_file, write_bytes, write_json
 from ntk import metrics
 from ntk._params import ParamSelector
 from ntk._problem import default_output_fn

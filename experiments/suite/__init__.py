@@ -21,8 +21,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from experiments.processes import folder_lock
 from experiments.suite.base import ExperimentConfig, MissingResultError, Store
-from experiments.training.processes import folder_lock
 
 __all__ = ["EXPERIMENTS", "PRESET_NAMES", "get_experiment", "run_experiment", "draw_figures",
            "write_report", "open_results", "present_experiments", "sweep_unit", "fill_command"]

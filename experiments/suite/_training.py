@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 
 from experiments.data.encoding import EncodedSplits
+from experiments.processes import die_with_parent
+from experiments.records import read_json
 from experiments.suite.base import Store
 from experiments.training.callbacks import Callback
 from experiments.training.config import TrainConfig
 from experiments.training.loop import train
-from experiments.training.processes import die_with_parent
-from experiments.training.records import read_json
 
 __all__ = ["run_training", "summarise", "steps_to", "SUMMARY_COLUMNS", "METHOD_SPECS", "method_spec",
            "train_config", "seeds_to_decide"]

@@ -31,7 +31,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import pandas as pd
 
-from experiments.training.records import (
+from experiments.records import (
     atomic_path,
     provenance,
     read_json,
@@ -240,7 +240,7 @@ class Store:
     Opening writes ``config.json`` or checks that the one there has the same
     :meth:`ExperimentConfig.config_hash`. A unit is done once its ``.done`` marker exists; the
     marker is written only after its data file is in place and records that file's sha256.
-    Every JSON file carries the sha256 of its content (:func:`experiments.training.records.write_json`),
+    Every JSON file carries the sha256 of its content (:func:`experiments.records.write_json`),
     and every read checks it: a damaged file is refused with its name, never read as numbers.
 
     Raises:

@@ -252,7 +252,7 @@ def signgd_predict(
     general solve, the kernel being asymmetric; ``m`` its mean diagonal, ``Y`` centred one-hot
     targets), ``scores = K(test, train) alpha``; accuracy, macro-F1 and the fit on the training set."""
     from experiments.dynamics.tracking import eval_mode, logits_of, model_inputs
-    from experiments.training.records import accuracy, macro_f1
+    from experiments.records import accuracy, macro_f1
     from ntk.predict import class_targets
 
     k_train, k_test = signgd_kernels(model, train, test, max_bytes=max_bytes)

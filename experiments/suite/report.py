@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiments.records import atomic_path
 from experiments.suite.base import MissingResultError, Verdict
-from experiments.training.records import atomic_path
 
 __all__ = ["summary_table", "sync_readme",
            "CLAIM_TITLES", "HYPOTHESIS_TITLES", "ExperimentVerdicts", "collect", "render_markdown",

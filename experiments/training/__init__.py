@@ -1,2 +1,2 @@
-"""Training: the run config, the fine-tuning loop, its checkpoints, callbacks, records and the
-methods it prepares; process helpers (folder locks) and per-step memory accounting."""
+"""Training: the run config, the fine-tuning loop, its checkpoints and callbacks, the methods it
+prepares and per-step memory accounting."""

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from experiments.data.encoding import EncodedSplits
+from experiments.records import RESERVED_KINDS
 from experiments.training.config import TrainConfig
-from experiments.training.records import RESERVED_KINDS
 
 __all__ = ["Callback", "TrainState"]
 

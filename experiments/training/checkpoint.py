@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.training.records import DamagedFileError, write_bytes
+from experiments.records import DamagedFileError, write_bytes
 
 __all__ = ["CHECKPOINT_NAME", "load_checkpoint", "load_trainable_state", "save_checkpoint",
            "trainable_state"]

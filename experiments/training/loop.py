@@ -6,7 +6,7 @@
         --mixed-precision bf16
     python -m experiments.training.loop --out runs/ref --method propulsion --option preset=reference
 
-Each run owns a folder: ``rows.parquet`` (tidy rows, see :mod:`experiments.training.records`), ``run.json``
+Each run owns a folder: ``rows.parquet`` (tidy rows, see :mod:`experiments.records`), ``run.json``
 (config, hash, provenance, status, summary, the sha256 of ``rows.parquet`` and of
 ``best.safetensors``, and of its own content), ``checkpoint.pt`` while it runs (removed when it
 finishes; it carries its own sha256) and ``best.safetensors`` (the trainable parameters chosen by
@@ -45,17 +45,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from experiments.data.encoding import EncodedSplit, EncodedSplits
-from experiments.training.callbacks import Callback, TrainState
-from experiments.training.checkpoint import (
-    CHECKPOINT_NAME,
-    load_checkpoint,
-    load_trainable_state,
-    save_checkpoint,
-    trainable_state,
-)
-from experiments.training.config import TrainConfig
-from experiments.training.processes import folder_lock
-from experiments.training.records import (
+from experiments.processes import folder_lock
+from experiments.records import (
     MemoryProbe,
     accuracy,
     macro_f1,
@@ -66,6 +57,15 @@ from experiments.training.records import (
     write_json,
     write_rows,
 )
+from experiments.training.callbacks import Callback, TrainState
+from experiments.training.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
+from experiments.training.config import TrainConfig
 
 __all__ = ["RunResult", "main", "train"]
 
@@ -277,9 +277,9 @@ def train(config: TrainConfig, out_dir: str | Path, *, model: nn.Module | None =
         ValueError: ``out_dir`` holds a run of another config or data; labels outside the head's
             range; a batch larger than the training split; CUDA or mixed precision unavailable;
             ``out_dir`` cannot be written.
-        experiments.training.records.DamagedFileError: ``run.json``, ``rows.parquet`` or the checkpoint
+        experiments.records.DamagedFileError: ``run.json``, ``rows.parquet`` or the checkpoint
             does not match its sha256 (the message names the file).
-        experiments.training.processes.FolderLockedError: another process is training into ``out_dir``.
+        experiments.processes.FolderLockedError: another process is training into ``out_dir``.
     """
     out = Path(out_dir)
     with folder_lock(out):
