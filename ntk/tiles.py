@@ -48,7 +48,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +60,13 @@ from torch import nn
 
 from ntk._inputs import Inputs, example_counts, take, to_device
 from ntk._params import ParamSelector, select_parameters
+from ntk.distributed import barrier, broadcast, current_context
 from ntk.empirical import empirical_ntk
 
 __all__ = [
     "FORMAT", "MMAP_THRESHOLD_BYTES", "STOP_AFTER_ENV",
-    "Tile", "TileReport", "TileError", "TilesInterrupted", "DistContext",
-    "tile_grid", "compute_tiles", "assemble_kernel", "tiled_ntk", "init_distributed", "default_threads",
+    "Tile", "TileReport", "TileError", "TilesInterrupted",
+    "tile_grid", "compute_tiles", "assemble_kernel", "tiled_ntk",
     "model_fingerprint", "inputs_fingerprint", "report_dict",
     # files
     "atomic_write_bytes", "write_json_atomic",
@@ -112,21 +113,6 @@ class TileReport:
     total: int
     seconds: float
     config_hash: str
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """Rank, world size and device of this process (rank 0 of 1 without ``torchrun``)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    initialized_here: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def tile_grid(n1: int, n2: int, tile_size: int, symmetric: bool) -> list[Tile]:
@@ -292,30 +278,6 @@ def _write_tile(out_dir: Path, tile: Tile, block: torch.Tensor, job: dict) -> No
     })
 
 
-def _broadcast(obj: Any, ctx: DistContext) -> Any:
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier(ctx: DistContext) -> None:
-    if ctx.distributed:
-        if torch.distributed.get_backend() == "nccl":
-            torch.distributed.barrier(device_ids=[ctx.local_rank])
-        else:
-            torch.distributed.barrier()
-
-
-def _current_context() -> DistContext:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return DistContext(dist.get_rank(), dist.get_world_size(), local)
-    return DistContext()
-
-
 def compute_tiles(
     model: nn.Module, x1: Inputs, x2: Inputs | None = None, *, out_dir: str | Path,
     params: ParamSelector = "trainable", output: str = "full", method: str = "auto",
@@ -341,14 +303,14 @@ def compute_tiles(
         TilesInterrupted: the ``stop_after`` hook fired.
     """
     start = time.perf_counter()
-    ctx = _current_context()
+    ctx = current_context()
     out = Path(out_dir)
     if x2 is not None and (x2 is x1 or inputs_fingerprint(x2) == inputs_fingerprint(x1)):
         x2 = None  # the same examples: the symmetric job (upper tiles, mirrored)
     job = _job_manifest(model, x1, x2, params, output, dtype, tile_size, model_name)
     if ctx.rank == 0:
         _ensure_job(out, job, write=True)
-    _barrier(ctx)
+    barrier(ctx)
     if ctx.rank != 0:
         _ensure_job(out, job, write=False)
     tiles = tile_grid(job["n1"], job["n2"], tile_size, x2 is None)
@@ -356,7 +318,7 @@ def compute_tiles(
     if ctx.rank == 0:
         done = _finished(out, tiles, job["config_hash"])
         missing = [(t.i, t.j) for t in tiles if (t.i, t.j) not in done]
-    missing = _broadcast(missing, ctx)
+    missing = broadcast(missing, ctx)
     assert missing is not None
     by_index = {(t.i, t.j): t for t in tiles}
     mine = [by_index[ij] for ij in missing[ctx.rank::ctx.world_size]]
@@ -507,57 +469,6 @@ def _read_tile(out: Path, t: Tile, job: dict, dtype: torch.dtype) -> torch.Tenso
     return block
 
 
-# --------------------------------------------------------------------------------------------
-# torch.distributed
-# --------------------------------------------------------------------------------------------
-def init_distributed(device: str | None = None, timeout_s: float = 12 * 3600,
-                     backend: str | None = None) -> DistContext:
-    """Join the ``torchrun`` process group when there is one; a 1-process context otherwise.
-
-    A group is started when ``WORLD_SIZE > 1`` in the environment (``torchrun`` sets it, with
-    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and none is initialised yet:
-    backend ``nccl`` with device ``cuda:LOCAL_RANK`` when CUDA is available and ``device`` is
-    not "cpu", else ``gloo`` on the CPU. ``timeout_s`` bounds every collective, the final
-    barrier included, where fast ranks wait for slow ones: keep it above a rank's share of work.
-
-    Args:
-        device: "cpu", "cuda" (-> ``cuda:LOCAL_RANK``), "cuda:k", or None (cuda when available).
-        timeout_s: collective timeout in seconds.
-        backend: force "gloo" or "nccl" (None: as above).
-    """
-    dist = torch.distributed
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    if want_cuda:
-        dev = torch.device(device if device and ":" in device else f"cuda:{local}")
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    here = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        chosen = backend or ("nccl" if dev.type == "cuda" else "gloo")
-        kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
-        if chosen == "nccl":
-            kwargs["device_id"] = dev
-        dist.init_process_group(backend=chosen, **kwargs)
-        here = True
-    if dist.is_initialized():
-        return DistContext(dist.get_rank(), dist.get_world_size(), local, dev, here)
-    return DistContext(0, 1, 0, dev, False)
-
-
-def default_threads() -> int:
-    """Torch threads for one rank: the cores this process may use // ``LOCAL_WORLD_SIZE``.
-
-    ``torchrun`` sets ``OMP_NUM_THREADS=1`` for every rank when it starts several per node, which
-    leaves cores idle when the ranks are fewer than the cores; this splits them evenly instead.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
-
 def tiled_ntk(
     model: nn.Module, x1: Inputs, x2: Inputs | None = None, *, out_dir: str | Path,
     mmap: bool | None = None, **kwargs: Any,
@@ -567,8 +478,8 @@ def tiled_ntk(
     Returns ``(kernel, report)``; the kernel is None on ranks other than 0.
     """
     report = compute_tiles(model, x1, x2, out_dir=out_dir, **kwargs)
-    ctx = _current_context()
-    _barrier(ctx)
+    ctx = current_context()
+    barrier(ctx)
     kernel = assemble_kernel(out_dir, mmap=mmap) if ctx.rank == 0 else None
     return kernel, report
 

@@ -54,14 +54,8 @@ from torch import nn
 
 from experiments.processes import writable_folder
 from experiments.records import atomic_path, provenance, write_json
-from ntk.tiles import (
-    DistContext,
-    TilesInterrupted,
-    default_threads,
-    init_distributed,
-    report_dict,
-    tiled_ntk,
-)
+from ntk.distributed import default_threads, gather, init_distributed
+from ntk.tiles import TilesInterrupted, report_dict, tiled_ntk
 
 __all__ = ["KernelJobConfig", "run_kernel_job", "add_kernel_parser", "run_kernel_command", "main"]
 
@@ -222,14 +216,6 @@ def load_job_model(cfg: KernelJobConfig, num_labels: int, device: torch.device) 
     return model.to(device).eval()
 
 
-def _gather(obj: Any, ctx: DistContext) -> list[Any]:
-    if not ctx.distributed:
-        return [obj]
-    out: list[Any] = [None] * ctx.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def run_kernel_job(config: KernelJobConfig, out_dir: str | Path) -> Path:
     """Compute the missing tiles of this rank, then (rank 0) assemble ``out_dir/kernel.npy``.
 
@@ -258,7 +244,7 @@ def run_kernel_job(config: KernelJobConfig, out_dir: str | Path) -> Path:
             model_name=config.model, progress=config.progress,
         )
         done = time.perf_counter()
-        reports = _gather(report_dict(report), ctx)
+        reports = gather(report_dict(report), ctx)
         path = out / "kernel.npy"
         if ctx.rank == 0:
             if kernel is not None and not hasattr(kernel, "filename"):  # assembled in memory

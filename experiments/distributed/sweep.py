@@ -14,8 +14,8 @@ Where units run: under ``torchrun`` (or an initialised ``torch.distributed``) ra
 unfinished units and rank r runs ``pending[r::world_size]``; without it, ``local_workers``
 processes (multiprocessing spawn, each with cores / workers torch threads) take the pending
 units as they free up. Under torchrun each rank gets cores / ranks-per-node torch threads
-(``ntk.tiles.default_threads``). Explicit ``rank`` / ``world_size`` without a process group (a job array)
-run ``units[i]`` for ``i % world_size == rank``; the table is written once all are finished.
+(``ntk.distributed.default_threads``). Explicit ``rank`` / ``world_size`` without a process group
+(a job array) run ``units[i]`` for ``i % world_size == rank``; the table is written once all are finished.
 
     torchrun --standalone --nproc_per_node=4 my_sweep.py     # calls run_sweep(...) on every rank
 
@@ -42,7 +42,7 @@ import torch
 
 from experiments.processes import die_with_parent
 from experiments.records import read_json, write_bytes, write_json
-from ntk.tiles import DistContext, default_threads, init_distributed
+from ntk.distributed import broadcast, default_threads, init_distributed
 
 __all__ = ["SweepError", "parse_sweep", "unit_id", "run_sweep", "gather_sweep"]
 
@@ -207,14 +207,6 @@ def gather_sweep(out_dir: str | Path, units: list[dict], *, write: bool = True) 
     return table
 
 
-def _broadcast(obj: Any, ctx: DistContext) -> Any:
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def run_sweep(units: list[dict], fn: UnitFn, out_dir: str | Path, *, rank: int | None = None,
               world_size: int | None = None, local_workers: int = 1, progress: bool = True
               ) -> pd.DataFrame:
@@ -261,7 +253,7 @@ def run_sweep(units: list[dict], fn: UnitFn, out_dir: str | Path, *, rank: int |
         if ctx.rank == 0:
             write_json({"units": units, "unit_ids": ids}, out / "sweep.json")
             pending = [u for u, i in zip(units, ids, strict=True) if not _finished(out, i)]
-        pending = _broadcast(pending, ctx)
+        pending = broadcast(pending, ctx)
         assert pending is not None
         if ctx.world_size == 1:
             _local(fn, pending, out, local_workers, progress)
