@@ -141,29 +141,14 @@ def _methods(frame: pd.DataFrame, config: Any, models: list[tuple[str, str]], fi
         for i, treatment in enumerate(TREATMENTS):
             est, lo, hi = [], [], []
             for method in _BAR_METHODS:
-                if select(
-                    frame,
-                    family=family,
-                    variant=variant,
-                    treatment=treatment,
-                    method=method,
-                    layout=layout,
-                    metric=metric,
-                ).empty:
+                where = dict(family=family, variant=variant, treatment=treatment, method=method,
+                             layout=layout, metric=metric)
+                if select(frame, **where).empty:
                     est.append(np.nan)
                     lo.append(np.nan)
                     hi.append(np.nan)
                     continue
-                iv = pair_interval(
-                    frame,
-                    family=family,
-                    variant=variant,
-                    treatment=treatment,
-                    method=method,
-                    layout=layout,
-                    metric=metric,
-                    seed=config.seed,
-                )
+                iv = pair_interval(frame, **where, seed=config.seed)
                 est.append(iv.estimate)
                 lo.append(iv.estimate - iv.low)
                 hi.append(iv.high - iv.estimate)
