@@ -36,7 +36,7 @@ __all__ = [
     "atomic_path", "atomic_write", "write_bytes", "file_sha256", "verify_file", "DamagedFileError",
     "write_rows", "read_rows", "write_json", "read_json", "JSON_CHECKSUM",
     # provenance
-    "provenance", "package_version",
+    "provenance", "code_commit", "package_version",
     # row schema
     "TRAIN_COLUMNS", "EVAL_COLUMNS", "TEST_COLUMNS", "TIMING_COLUMNS", "RESERVED_KINDS",
 ]
@@ -293,19 +293,32 @@ def package_version(dist: str) -> str | None:
         return None
 
 
+# What computes results: a change here makes a tree "dirty"; results, figures, reports and docs
+# that runs write (into a committed results folder, say) do not.
+CODE_PATHS = ("propulsion", "ntk", "experiments", "benchmarks", "scripts", "pyproject.toml")
+
+
+def code_commit() -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the code that runs: ``git rev-parse HEAD`` and whether a tracked
+    file under :data:`CODE_PATHS` has uncommitted changes (None, None outside a git checkout)."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", *(f":/{p}" for p in CODE_PATHS))
+    return _git("rev-parse", "HEAD"), None if status is None else bool(status)
+
+
 def provenance(device: torch.device | str) -> dict[str, Any]:
-    """Where a result comes from: git commit (and whether the tree had uncommitted changes),
-    Python and package versions, device, device name, torch threads, host. The one provenance
-    helper of the ``experiments`` package (training runs, suite stores, kernel jobs)."""
+    """Where a result comes from: git commit (and whether the code had uncommitted changes, see
+    :func:`code_commit`), Python and package versions, device, device name, torch threads, host.
+    The one provenance helper of the ``experiments`` package (training runs, suite stores, kernel
+    jobs)."""
     device = torch.device(device)
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit, dirty = code_commit()
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = platform.processor() or platform.machine()
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "versions": {"python": platform.python_version(), **{p: package_version(p) for p in PACKAGES}},
         "device": str(device),
         "device_name": device_name,

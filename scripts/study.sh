@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The study: every experiment with the `study` preset (seeds, intervals, N = 256 kernels, tuned
-# learning rates), sized for 2 CPU cores (about 3 hours; resumable: run it again after an
+# learning rates), sized for 2 CPU cores (3-4 hours; resumable: run it again after an
 # interruption and finished units are reused), then the figures, the claims report and the
 # README's claims table. Run it from a clean commit so the report's provenance names it.
-#   bash scripts/study.sh                   results in runs/study
+#   bash scripts/study.sh                   results in results/study (committed, see below)
 #   OUT=/data/study bash scripts/study.sh   another results folder
+# results/study is part of the repository, without what can be recomputed (kernels, training
+# checkpoints, logs, locks: see .gitignore), so a study longer than one working session goes on
+# in the next: commit results/study, and run this script again on a fresh checkout. Every unit
+# records the commit that computed it, and the report lists them.
 # Two single-threaded streams share the 2 cores: the kernel experiments (e1, e2, e7, e8) and the
 # training experiments (e9, e3, e4, e6, e5; e5 last, since it measures step time and memory).
 set -euo pipefail
@@ -12,7 +16,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/setup.sh
 source "$root/scripts/setup.sh"
 cd "$root"
-out="${OUT:-runs/study}"
+out="${OUT:-results/study}"
 mkdir -p "$out/logs"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 stream() {

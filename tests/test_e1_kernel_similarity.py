@@ -265,11 +265,24 @@ def test_tiny_preset_runs_every_unit_and_resumes(tmp_path, monkeypatch):
     E.main(config, store)
     assert store.units("metrics/") == sorted(f"metrics/{u.name}" for u in E.plan(config))
     assert store.units("kernels/") == ["kernels/minilm-pretrained-w384-s0", "kernels/minilm-random-w384-s0"]
+    real = E.compute_unit
     monkeypatch.setattr(E, "compute_unit", lambda *_: pytest.fail("a done unit was recomputed"))
     E.main(config, Store(tmp_path, E.NAME, config))
     verdicts = E.verdicts(store, config)
     assert len(verdicts) == 2 * 4 + 2 and all(v.n == 2 for v in verdicts)
     assert len(E.figures(store, tmp_path / "figs")) == 2 * 7
+
+    # a committed results folder keeps no kernels: they alone are computed again, metrics untouched
+    units = tmp_path / E.NAME / "units"
+    metrics = (units / "metrics" / "minilm-random-w384-s0.parquet").read_bytes()
+    for path in (units / "kernels").glob("minilm-random-w384-s0.*"):
+        path.unlink()
+    calls: list[str] = []
+    monkeypatch.setattr(E, "compute_unit", lambda unit, cfg: calls.append(unit.name) or real(unit, cfg))
+    E.main(config, Store(tmp_path, E.NAME, config))
+    assert calls == ["minilm-random-w384-s0"]
+    assert store.units("kernels/") == ["kernels/minilm-pretrained-w384-s0", "kernels/minilm-random-w384-s0"]
+    assert (units / "metrics" / "minilm-random-w384-s0.parquet").read_bytes() == metrics
 
 
 @pytest.mark.slow

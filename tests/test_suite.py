@@ -135,6 +135,24 @@ def test_provenance_records_commit_versions_and_units(tmp_path):
     prov = json.loads(store.provenance(preset="tiny").read_text())
     assert {"git_commit", "git_dirty", "versions", "device", "date", "wall_time_s"} <= set(prov)
     assert prov["units_computed"] == ["a"] and prov["preset"] == "tiny" and "torch" in prov["versions"]
+    key = prov["git_commit"] + ("+dirty" if prov["git_dirty"] else "")
+    assert prov["unit_commits"] == {key: 1}
+
+
+def test_unit_commits_count_each_code_version_and_the_report_lists_them(tmp_path, monkeypatch):
+    from experiments.suite import base, report
+
+    store = Store(tmp_path, "exp", Cfg())
+    monkeypatch.setattr(base, "code_commit", lambda: ("a" * 40, False))
+    store.save_table("u1", pd.DataFrame({"x": [1]}))
+    store.save_table("u2", pd.DataFrame({"x": [2]}))
+    resumed = Store(tmp_path, "exp", Cfg())  # a later session at another commit, code edited
+    monkeypatch.setattr(base, "code_commit", lambda: ("b" * 40, True))
+    resumed.save_table("u3", pd.DataFrame({"x": [3]}))
+    assert resumed.unit_commits() == {"a" * 40: 2, "b" * 40 + "+dirty": 1}
+    prov = json.loads(resumed.provenance().read_text())
+    exp = report.ExperimentVerdicts("exp", "t", "tiny", {}, prov, (), None)
+    assert f"units computed at {'a' * 12} (2), {'b' * 12} (uncommitted changes) (1)" in report._origin(exp)
 
 
 # --------------------------------------------------------------------------- verdicts -----

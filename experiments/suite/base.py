@@ -33,6 +33,7 @@ import pandas as pd
 
 from experiments.records import (
     atomic_path,
+    code_commit,
     provenance,
     read_json,
     verify_file,
@@ -268,6 +269,7 @@ class Store:
                         "config_class": type(config).__qualname__, "config": config.to_dict()}, path)
         self.reused: list[str] = self.units()
         self.computed: list[str] = []
+        self._code: tuple[str | None, bool | None] | None = None
 
     @classmethod
     def open_existing(cls, root: str | Path, name: str, config_cls: type[ExperimentConfig]) -> Store:
@@ -305,7 +307,11 @@ class Store:
         return sorted(n for n in names if n.startswith(prefix))
 
     def _finish(self, unit: str, kind: str, data: Path, sha256: str) -> None:
-        write_json({"kind": kind, "file": data.name, "sha256": sha256}, self._marker(unit))
+        if self._code is None:  # asked once per store: git takes ~10 ms
+            self._code = code_commit()
+        commit, dirty = self._code
+        write_json({"kind": kind, "file": data.name, "sha256": sha256, "git_commit": commit,
+                    "git_dirty": dirty}, self._marker(unit))
         if unit not in self.computed:
             self.computed.append(unit)
 
@@ -358,6 +364,18 @@ class Store:
                 frames.append(self.load_table(unit).assign(unit=unit))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"unit": []})
 
+    def unit_commits(self) -> dict[str, int]:
+        """How many done units each code version computed: ``{"<commit>": n}``, ``"<commit>+dirty"``
+        for code with uncommitted changes, ``"unrecorded"`` for units stored before markers kept
+        their commit. A study resumed over several sessions lists each session's commit."""
+        counts: dict[str, int] = {}
+        for unit in self.units():
+            stored = self._kind(unit)
+            commit = stored.get("git_commit")
+            key = "unrecorded" if commit is None else commit + ("+dirty" if stored.get("git_dirty") else "")
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def require(self, *units: str) -> None:
         """Raise :class:`MissingResultError` naming every unit in ``units`` that is not done."""
         missing = [u for u in units if not self.done(u)]
@@ -369,7 +387,8 @@ class Store:
 
     # -- provenance ------------------------------------------------------------------------------
     def provenance(self, **extra: Any) -> Path:
-        """Write ``provenance.json``: commit, versions, device, date, wall time, units reused/computed."""
+        """Write ``provenance.json``: commit, versions, device, date, wall time, units reused/computed
+        and the commit that computed each done unit (:meth:`unit_commits`)."""
         import torch
 
         device = resolve_device(self.config.device)
@@ -387,7 +406,8 @@ class Store:
             **provenance(device),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": round(time.perf_counter() - self._opened, 3), **peak,
-            "units_reused": self.reused, "units_computed": self.computed, **extra,
+            "units_reused": self.reused, "units_computed": self.computed,
+            "unit_commits": self.unit_commits(), **extra,
         }
         path = self.dir / "provenance.json"
         write_json(payload, path)

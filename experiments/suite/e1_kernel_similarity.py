@@ -427,17 +427,23 @@ def compute_unit(unit: Unit, config: Config) -> tuple[pd.DataFrame, dict[str, np
 def main(config: Config, store: Store, *, progress: bool = False) -> None:
     """Compute every unit of :func:`plan` not yet done: table ``metrics/<unit>``, parameter counts
     ``counts/<unit>`` and, for the first seed of a language model, the kernels ``kernels/<unit>``
-    (float32, for the figures; every metric was computed in float64 before)."""
+    (float32, for the figures; every metric was computed in float64 before).
+
+    Kernels are not kept in a committed results folder (tens of MB each): a unit whose metrics
+    are stored but whose figure kernels are not is computed again for the kernels alone."""
     for unit in plan(config):
-        if store.done(f"metrics/{unit.name}"):
+        keep_kernels = unit.family in LANGUAGE_MODELS and unit.seed == config.seed
+        have_metrics = store.done(f"metrics/{unit.name}")
+        if have_metrics and (not keep_kernels or store.done(f"kernels/{unit.name}")):
             continue
         if progress:
             print(f"  kernels of {unit.name}", flush=True)
         frame, arrays, counts = compute_unit(unit, config)
-        if unit.family in LANGUAGE_MODELS and unit.seed == config.seed:
+        if keep_kernels:
             store.save_arrays(f"kernels/{unit.name}", **arrays)
-        store.save_table(f"counts/{unit.name}", counts)
-        store.save_table(f"metrics/{unit.name}", frame)
+        if not have_metrics:
+            store.save_table(f"counts/{unit.name}", counts)
+            store.save_table(f"metrics/{unit.name}", frame)
 
 
 # ------------------------------------------------------------------------------- results -------

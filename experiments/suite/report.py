@@ -133,8 +133,14 @@ def _origin(exp: ExperimentVerdicts) -> str:
     if not p:
         return "no provenance.json"
     dirty = " (uncommitted changes)" if p.get("git_dirty") else ""
-    return (f"commit {str(p.get('git_commit', 'unknown'))[:12]}{dirty}, {p.get('device', '?')} "
+    text = (f"commit {str(p.get('git_commit', 'unknown'))[:12]}{dirty}, {p.get('device', '?')} "
             f"({p.get('device_name', '?')}), {p.get('date', '?')}, {p.get('wall_time_s', '?')} s")
+    commits = p.get("unit_commits") or {}
+    if len(commits) > 1 or any(c.endswith("+dirty") or c == "unrecorded" for c in commits):
+        text += "; units computed at " + ", ".join(
+            f"{c[:12]}{' (uncommitted changes)' if c.endswith('+dirty') else ''} ({n})"
+            for c, n in sorted(commits.items()))
+    return text
 
 
 def render_markdown(experiments: list[ExperimentVerdicts], fig_dir: Path, out_dir: Path) -> str:
