@@ -59,6 +59,7 @@ class PropulsionLayer(nn.Module):
         self.base_layer = base_layer
         self.degree = degree
         self.merged = False
+        self.flushed = 0  # base entries a merge rounded to exactly 0 (unmerge cannot restore them)
         ref = self._reference_tensor()
         self.propulsion_z = nn.Parameter(
             torch.full(
@@ -110,7 +111,7 @@ class PropulsionLayer(nn.Module):
     def _merge_checked(self) -> None:
         """:meth:`merge` once :meth:`check_mergeable` has passed (the model checks every layer
         first, then merges them all)."""
-        self._fold(self.scale(torch.float64))
+        self.flushed = self._fold(self.scale(torch.float64))
         self.merged = True
 
     @torch.no_grad()
@@ -118,14 +119,21 @@ class PropulsionLayer(nn.Module):
         """Undo :meth:`merge` by dividing by ``z**k`` (exact up to rounding of the base dtype)."""
         if not self.merged:
             raise PropulsionError(f"{type(self).__name__} is not merged; nothing to unmerge")
-        s = self.scale(torch.float64)
-        if bool((s == 0).any()):
-            raise PropulsionError(
-                "cannot unmerge: some z**k entries are exactly 0, so the base weights were lost "
-                "at merge; reload the base model and the adapter instead"
-            )
-        self._fold(1.0 / s)
+        lost = self.lost_at_merge()
+        if lost:
+            raise PropulsionError(f"cannot unmerge: {lost}; reload the base model and the adapter instead")
+        self._fold(1.0 / self.scale(torch.float64))
         self.merged = False
+
+    def lost_at_merge(self) -> str | None:
+        """Why the merged base weights cannot be recovered (z**k entries equal to 0, or base
+        entries the merge rounded to 0 in their dtype), or None when they can."""
+        if bool((self.scale(torch.float64) == 0).any()):
+            return "some z**k entries are exactly 0, so the base weights were lost at merge"
+        if self.flushed:
+            return (f"the merge rounded {self.flushed} non-zero base entries to exactly 0 in the weights' "
+                    "dtype (z**k too small for it), so they were lost")
+        return None
 
     @torch.no_grad()
     def check_mergeable(self) -> None:
@@ -160,10 +168,15 @@ class PropulsionLayer(nn.Module):
                     "unmerged, or bring z back to a range the weights' dtype can hold"
                 )
 
-    def _fold(self, scale: torch.Tensor) -> None:
-        """Multiply the base parameters in place so the base layer computes the scaled output."""
+    def _fold(self, scale: torch.Tensor) -> int:
+        """Multiply the base parameters in place so the base layer computes the scaled output;
+        return how many non-zero entries the product rounded to exactly 0 in their dtype."""
+        flushed = 0
         for param, shape in self.fold_targets():
-            param.data.copy_(_folded(param, scale, shape))
+            folded = _folded(param, scale, shape)
+            flushed += int(((folded == 0) & (param != 0)).sum())
+            param.data.copy_(folded)
+        return flushed
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args, **kwargs):
         # Keep z in float32/float64 when the model is cast to half precision.

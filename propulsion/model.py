@@ -209,11 +209,20 @@ def merge_adapter(model: nn.Module) -> None:
 def unmerge_adapter(model: nn.Module) -> None:
     """Undo :func:`merge_adapter`."""
     _state(model, "unmerge")
-    layers = [layer for layer in propulsion_layers(model).values() if layer.merged]
+    layers = {path: layer for path, layer in propulsion_layers(model).items() if layer.merged}
     if not layers:
         raise PropulsionError("no Propulsion layer is merged; nothing to unmerge")
-    for layer in layers:
+    _check_recoverable(layers, "unmerge")  # every check before the first change
+    for layer in layers.values():
         layer.unmerge()
+
+
+def _check_recoverable(layers: dict[str, PropulsionLayer], action: str) -> None:
+    for path, layer in layers.items():
+        lost = layer.lost_at_merge() if layer.merged else None
+        if lost:
+            raise PropulsionError(f"cannot {action}: in the merged layer {path!r}, {lost}; "
+                                  "reload the base model instead")
 
 
 def _remove_wrappers(model: nn.Module, merge: bool) -> nn.Module:
@@ -221,12 +230,8 @@ def _remove_wrappers(model: nn.Module, merge: bool) -> nn.Module:
     layers = propulsion_layers(model)
     if merge:  # every check before the first change
         _check_merge(model, {p: layer for p, layer in layers.items() if not layer.merged})
-    for path, layer in layers.items():
-        if not merge and layer.merged and bool((layer.scale(torch.float64) == 0).any()):
-            raise PropulsionError(
-                f"cannot unload: the merged layer {path!r} has z**k entries equal to 0, so its "
-                "base weights were lost at merge; reload the base model instead"
-            )
+    if not merge:
+        _check_recoverable(layers, "unload")
     modules = all_paths(model)
     places = {id(layer): [p for p, m in modules.items() if m is layer] for layer in layers.values()}
     with torch.no_grad():  # inner modules first: a hand-nested wrapper unloads completely

@@ -252,6 +252,19 @@ def test_unmerge_refuses_zero_scale():
         layer.unmerge()
 
 
+def test_unmerge_refuses_weights_a_low_precision_merge_rounded_to_zero():
+    base = nn.Linear(3, 2).half()
+    weight = base.weight.detach().clone()
+    layer = PropulsionLinear(base, 3)
+    with torch.no_grad():
+        layer.propulsion_z[1] = 1e-3  # z**3 = 1e-9: finite, but below float16's smallest subnormal
+    layer.merge()
+    assert layer.flushed == 3 + 1  # row 1 of the weight and its bias
+    assert torch.equal(layer.base_layer.weight[0], weight[0]) and not layer.base_layer.weight[1].any()
+    with pytest.raises(PropulsionError, match="rounded 4 non-zero base entries to exactly 0"):
+        layer.unmerge()
+
+
 def test_layernorm_without_affine_cannot_merge():
     layer = PropulsionLayerNorm(nn.LayerNorm(4, elementwise_affine=False), 1)
     x = torch.randn(2, 4)

@@ -197,6 +197,20 @@ def test_merge_adapter_then_unmerge_round_trips(case):
         assert_close_rel(tensor, base_state[name], 1e-14)
 
 
+def test_unmerge_and_unload_refuse_weights_lost_in_a_half_precision_merge_before_any_change():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).half()
+    get_propulsion_model(model, PropulsionConfig(degree=3, target_modules=["0", "2"]))
+    with torch.no_grad():
+        propulsion_layers(model)["2"].propulsion_z[0] = 1e-3  # z**3 = 1e-9: row 0 (4 + 1 entries) is lost
+    merge_adapter(model)
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    for action in (unmerge_adapter, unload):
+        with pytest.raises(PropulsionError, match=r"merged layer '2'.*rounded 5 non-zero base entries"):
+            action(model)
+        assert all(layer.merged for layer in propulsion_layers(model).values())  # layer "0" too
+        assert all(torch.equal(v, merged[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_unload_returns_untouched_base(case):
     model = case.build(4)
