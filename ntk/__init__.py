@@ -16,7 +16,7 @@ from ntk._inputs import InputError
 from ntk._memory import KernelTooLargeError, default_budget
 from ntk._params import SELECTORS, ParameterSelectionError, select_parameters
 from ntk._problem import OUTPUTS, KernelOutputError
-from ntk.empirical import METHODS, empirical_ntk
+from ntk.empirical import METHODS, UnsupportedModelError, empirical_ntk
 from ntk.kernels import kernels, structured_ntk
 from ntk.reference import reference_ntk
 from ntk.tiles import TileError, assemble_kernel, compute_tiles, tiled_ntk
@@ -54,4 +54,5 @@ __all__ = [
     "ParameterSelectionError",
     "StructuredError",
     "TileError",
+    "UnsupportedModelError",
 ]

@@ -46,7 +46,7 @@ from ntk._problem import (
 from ntk.kernels import structured_ntk
 from ntk.reference import check_kernel
 
-__all__ = ["METHODS", "empirical_ntk"]
+__all__ = ["METHODS", "empirical_ntk", "UnsupportedModelError"]
 
 METHODS = ("auto", "structured", "jacobian", "ntk_vp")
 _USER_ERRORS = (KernelOutputError, KernelTooLargeError, InputError, ParameterSelectionError)
@@ -240,6 +240,12 @@ def empirical_ntk(
             except _USER_ERRORS:
                 raise
             except (RuntimeError, NotImplementedError) as exc:  # e.g. no forward-mode rule
+                if method != "auto" and _unsupported_op(exc):
+                    raise UnsupportedModelError(
+                        f"method={method!r} cannot differentiate this model: {str(exc).splitlines()[0]} "
+                        f"({'it needs forward-mode AD, ' if chosen.method == 'ntk_vp' else ''}"
+                        "an operation of the model has no such rule in torch); use method='auto', "
+                        "which falls back to a method that works, or method='jacobian'") from exc
                 if method != "auto" or i + 1 == len(plans):
                     raise
                 reason = (f"{reason}; " if reason else "") + (
@@ -262,6 +268,17 @@ def empirical_ntk(
     result = {k: v for k, v in blocks.items() if k} if per_layer else blocks[""]
     _check(result, model, x1, x2, params, output, per_layer, output_fn, check)
     return result
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The chosen method needs a derivative rule (e.g. forward mode) that torch lacks for an
+    operation of the model; another method, or ``method="auto"``, computes the kernel."""
+
+
+def _unsupported_op(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch saying an operation has no rule for the transform in use."""
+    text = str(exc)
+    return isinstance(exc, NotImplementedError) or "forward AD" in text or "batching rule" in text
 
 
 def _check(kernel: torch.Tensor | dict[str, torch.Tensor], model: nn.Module, x1: Inputs,

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from torch import nn
-from zoo import MLP, ScaledEmbedding, _dense_inputs
+from zoo import MHA, MLP, ScaledEmbedding, _dense_inputs
 
 import ntk
 from ntk import InputError, KernelOutputError, KernelTooLargeError, StructuredError
@@ -149,3 +149,15 @@ def test_planning_a_large_kernel_is_cheap():
         plan("jacobian", prof, 20000, 20000, True, "full", False, 8, 1e6, None)
     plan("ntk_vp", prof, 4000, 4000, True, "full", False, 8, 1e12, None)
     assert time.perf_counter() - start < 1.0
+
+
+def test_an_operation_without_a_forward_rule_gets_a_sentence_and_auto_still_works():
+    torch.manual_seed(0)
+    model, x = MHA().double(), torch.randn(3, 5, 4, dtype=torch.float64)
+    with pytest.raises(ntk.UnsupportedModelError, match=r"method='ntk_vp' .*forward-mode AD.*method='auto'"):
+        ntk.empirical_ntk(model, x, method="ntk_vp")
+    with pytest.warns(UserWarning, match="computed the kernel with"):
+        kernel = ntk.empirical_ntk(model, x)
+    reference = ntk.reference_ntk(model, x)
+    assert float(torch.linalg.norm(kernel - reference) / torch.linalg.norm(reference)) < 1e-10
+
