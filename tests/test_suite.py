@@ -51,6 +51,20 @@ def test_config_replace_parses_strings_and_rejects_unknown_fields():
     assert Cfg.field_help()["n"] == "a size"
 
 
+def test_nested_fields_are_given_as_json_on_the_command_line():
+    from experiments.suite import e9_degree_accuracy as e9
+
+    config = e9.PRESETS["tiny"]
+    grids = config.replace(lr_grids="[[1, [1e-3, 3e-3]], [15, [3e-4]]]").lr_grids
+    assert grids == ((1, (1e-3, 3e-3)), (15, (3e-4,)))
+    same = config.replace(lr_grids="[[1, [1]], [15, [3e-4]]]")  # JSON's 1 is the rate 1.0
+    assert same.config_hash() == config.replace(lr_grids=((1, (1.0,)), (15, (3e-4,)))).config_hash()
+    for text, words in [("1:1e-3", "give it as JSON"), ("[[1]]", "expected 2 items"),
+                        ('[["a", [1e-3]]]', "cannot read 'a' as int")]:
+        with pytest.raises(ValueError, match=words):
+            config.replace(lr_grids=text)
+
+
 def test_thresholds_judge_saved_results_without_recomputing(tmp_path):
     store = Store(tmp_path, "exp", Cfg())
     store.save_table("u", pd.DataFrame({"x": [1]}))

@@ -191,6 +191,10 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
     if origin is Literal:
         return value
     if origin is tuple:
+        variadic = len(args) == 2 and args[1] is Ellipsis
+        kinds = args[:1] if variadic else args
+        if isinstance(value, str) and any(typing.get_origin(k) is tuple for k in kinds):
+            value = _nested_json(name, value)  # e.g. lr_grids=[[1, [1e-3, 3e-3]], [15, [3e-4]]]
         if isinstance(value, str):
             items = [v.strip() for v in value.split(",")] if value.strip() else []
             if "" in items:
@@ -198,8 +202,13 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
                                  "without empty ones")
         else:
             items = list(value)
-        item_kind = args[0] if args else str
-        return tuple(_convert(name, v, item_kind) for v in items)
+        if variadic or not args:
+            return tuple(_convert(name, v, args[0] if args else str) for v in items)
+        if len(items) != len(args):
+            raise ValueError(f"field {name}: expected {len(args)} items, got {len(items)} in {value!r}")
+        return tuple(_convert(name, v, k) for v, k in zip(items, args, strict=True))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # JSON's 1 is the float 1.0 (same config hash)
     if not isinstance(value, str) or kind is str:
         return value
     try:
@@ -213,6 +222,18 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
     except (TypeError, ValueError):
         kind_name = getattr(kind, "__name__", kind)
         raise ValueError(f"field {name}: cannot read {value!r} as {kind_name}") from None
+
+
+def _nested_json(name: str, text: str) -> Any:
+    """A nested field given on the command line: a JSON list of lists."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list):
+        raise ValueError(f"field {name} holds lists within a list: give it as JSON, e.g. "
+                         f"--set '{name}=[[1, [0.001, 0.003]], [15, [0.0003]]]', got {text!r}")
+    return value
 
 
 # -------------------------------------------------------------------------------- results ----
