@@ -52,6 +52,8 @@ def test_report_names_incomplete_and_missing_results(tmp_path):
     text = write_report(tmp_path, tmp_path / "claims").read_text()
     assert "## Missing or partial experiments" in text and "counts/roberta-base" in text
     assert f"`propulsion-ntk run e7 --out {tmp_path} --preset tiny`" in text  # resumes that very config
+    # a run still going (no provenance.json yet) names its preset for the experiments not started
+    assert f"`propulsion-ntk run e1 --out {tmp_path} --preset tiny`" in text
     with pytest.raises(MissingResultError, match="counts/roberta-base"):
         draw_figures(tmp_path, tmp_path / "figs")
 
@@ -103,3 +105,14 @@ def test_sync_readme_fills_the_block_and_refuses_a_readme_without_one(tmp_path):
     (tmp_path / "bare.md").write_text("no block\n")
     with pytest.raises(ValueError, match="claims-summary"):
         sync_readme(tmp_path / "bare.md", claims)
+
+
+def test_fill_command_resumes_a_nested_field_as_json(tmp_path):
+    from experiments.suite import e9_degree_accuracy as e9
+    from experiments.suite import fill_command, preset_of
+
+    config = e9.PRESETS["tiny"].replace(lr_grids="[[1, [0.002]], [15, [0.0005]]]")
+    assert preset_of(e9.NAME, e9.PRESETS["tiny"]) == "tiny" and preset_of(e9.NAME, config) is None
+    line = fill_command(e9.NAME, tmp_path, config)
+    assert line.endswith("--preset tiny --set lr_grids='[[1, [0.002]], [15, [0.0005]]]'")
+

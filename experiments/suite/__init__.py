@@ -15,6 +15,7 @@ registered in :data:`EXPERIMENTS` in order of their number.
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 import re
 from pathlib import Path
@@ -190,8 +191,17 @@ def fill_command(name: str, results_dir: str | Path, config: ExperimentConfig | 
     return f"{line} --preset {best}" + (f" --set {sets}" if sets else "")
 
 
+def preset_of(name: str, config: ExperimentConfig) -> str | None:
+    """The preset of experiment ``name`` that ``config`` is (device aside), or None."""
+    module = get_experiment(name)
+    return next((p for p, c in module.PRESETS.items() if c.identity() == config.identity()), None)
+
+
 def _text(value: Any) -> str:
-    """A swept value as the text ``--set`` takes (lists as comma-separated items)."""
+    """A swept value as the text ``--set`` takes (lists as comma-separated items, lists of
+    lists as JSON, quoted for the shell)."""
     if isinstance(value, list | tuple):
+        if any(isinstance(v, list | tuple) for v in value):
+            return "'" + json.dumps(value) + "'"
         return ",".join(str(v) for v in value)
     return str(value).lower() if isinstance(value, bool) else str(value)

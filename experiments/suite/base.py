@@ -401,8 +401,10 @@ class Store:
         """Raise :class:`MissingResultError` naming every unit in ``units`` that is not done."""
         missing = [u for u in units if not self.done(u)]
         if missing:
+            listed = missing if len(missing) <= 6 else [*missing[:3], f"... {len(missing) - 3} more"]
             raise MissingResultError(
-                f"{self.name}: units {missing} are missing in {self.dir}; "
+                f"{self.name}: {len(missing)} of {len(units)} units are missing in {self.dir} "
+                f"({', '.join(listed)}); "
                 f"run `propulsion-ntk run {self.name} --out {self.root}` to compute them"
             )
 

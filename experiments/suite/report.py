@@ -62,7 +62,7 @@ def collect(results_dir: str | Path) -> list[ExperimentVerdicts]:
         MissingResultError: ``results_dir`` holds no experiment results at all.
         DamagedFileError: a stored file does not match its checksum (named in the message).
     """
-    from experiments.suite import EXPERIMENTS, fill_command, open_results, present_experiments
+    from experiments.suite import EXPERIMENTS, fill_command, open_results, present_experiments, preset_of
 
     present = {m.NAME for m in present_experiments(results_dir)}
     out, presets = [], []
@@ -78,9 +78,10 @@ def collect(results_dir: str | Path) -> list[ExperimentVerdicts]:
         if missing is None and not prov:
             missing = ("partial: the run did not finish (no provenance.json); its verdicts may rest on "
                        "part of its units")
-        presets.append(prov.get("preset"))
+        preset = prov.get("preset") or preset_of(name, store.config)  # a run still going has no provenance
+        presets.append(preset)
         command = fill_command(name, results_dir, store.config) if missing else None
-        out.append(ExperimentVerdicts(name, module.TITLE, prov.get("preset"), store.config.to_dict(),
+        out.append(ExperimentVerdicts(name, module.TITLE, preset, store.config.to_dict(),
                                       prov, verdicts, missing, command))
     preset = next((p for p in presets if p), "quick")
     for name, module in EXPERIMENTS.items():
