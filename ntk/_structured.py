@@ -57,7 +57,7 @@ from ntk._handlers import (
     batched_vjp,
     handler_for,
 )
-from ntk._inputs import Inputs, call_model, example_counts, take, to_device
+from ntk._inputs import Inputs, call_model, example_counts, select, take, to_device
 from ntk._memory import default_budget, structured_tiles, tile_pairs
 from ntk._params import ParamSelector, select_parameters
 from ntk._problem import (
@@ -639,13 +639,34 @@ def structured_kernels(
             cache[key] = features(which, *rng)
             return cache[key]
 
+        membership = {n: [s for s, names in sets.items() if n in names] for n in selected}
+
+        def full_blocks(rows: list[int], cols: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+            """Blocks (P, P, C, C) in the ``full`` layout at the P examples ``rows`` of x1 and
+            ``cols`` of x2 (none when x2 is None), from one capture of each (for the check)."""
+            assert probe is not None
+            parts = [(1, rows)] if symmetric else [(1, rows), (2, cols)]
+            tiles, start = [], 0
+            for which, idx in parts:
+                calls, _ = capture(model, assignments, select(inputs[which], idx), len(idx), fn,
+                                   sum_logits, probe.modes, probe.batched, probe.clone)
+                tiles.append((prepare(calls, len(idx)), (start, start + len(idx))))
+                start += len(idx)
+            full = {s: {n: torch.zeros(start, start, n_out, n_out, dtype=dtype, device=device)
+                        for n in (names if per_layer else ["total"])} for s, names in sets.items()}
+            for i, (fr, rr) in enumerate(tiles):
+                for fc, cc in tiles[i:]:
+                    for a, r, c in zip(assignments, fr, fc, strict=True):
+                        _contract(a, r, c, "full", strategy, full, membership, per_layer, True,
+                                  rr, cc)
+            return full
+
         shape = {"full": (n_out, n_out), "diagonal": (n_out,), "trace": ()}[layout]
         results: dict[str, dict[str, torch.Tensor]] = {
             s: {n: torch.zeros(n1, n2, *shape, dtype=dtype, device=device)
                 for n in (names if per_layer else ["total"])}
             for s, names in sets.items()
         }
-        membership = {n: [s for s, names in sets.items() if n in names] for n in selected}
         t_capture_start = time.perf_counter() - started
         pairs = [(c, r) for c, rows in tile_pairs(n1, n2, tile, symmetric) for r in rows]
         bar = _progress(len(pairs), progress)
@@ -679,8 +700,10 @@ def structured_kernels(
         check_finite(results)
         t_verify, u_verify = clock(), cpu()
         if verify:
-            check_kernels(model, inputs[1], inputs.get(2), n1, n2, sets, results, layout,
-                          sum_logits, fn, per_layer)
+            rows = sorted({0, n1 - 1})
+            cols = rows if symmetric else sorted({0, n2 - 1})
+            check_kernels(model, inputs[1], inputs.get(2), rows, cols, sets, results,
+                          full_blocks(rows, cols), layout, sum_logits, fn)
         t_verify, u_verify = clock() - t_verify, cpu() - u_verify
         timings = Timings(tile=tile, tile_pairs=len(pairs),
                           captures=captures[0] - captures_before, keep_all=keep_all,
