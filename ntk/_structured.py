@@ -48,7 +48,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -58,6 +58,8 @@ from ntk._handlers import (
     STRATEGIES,
     Call,
     Handler,
+    LinearHandler,
+    SharedInputHandler,
     StructuredError,
     batched_vjp,
     handler_for,
@@ -78,7 +80,7 @@ from ntk._problem import (
 from ntk._verify import check_finite
 from ntk._verify import verify as check_kernels
 
-__all__ = ["Assignment", "Timings", "assign", "capture", "structured_kernels"]
+__all__ = ["Assignment", "Timings", "assign", "capture", "fuse_linears", "structured_kernels"]
 
 PROBE_EXAMPLES = 4
 
@@ -211,6 +213,31 @@ def assign(model: nn.Module, selected: list[str]) -> list[Assignment]:
             counts[n] = counts.get(n, 0) + 1
     if set(counts) != set(selected) or any(v != 1 for v in counts.values()):
         raise StructuredError(f"internal: parameters not covered exactly once: {counts}")
+    return out
+
+
+def fuse_linears(assignments: list[Assignment], membership: Mapping[str, list[str]]
+                 ) -> list[Assignment]:
+    """Linear layers whose selected parameters (the weight, perhaps the bias, the same in each)
+    all belong to the same parameter sets, as one assignment of a
+    :class:`~ntk._handlers.SharedInputHandler`, which forms one block for those that read the
+    same input (q, k, v). For the summed kernels only (not ``per_layer``)."""
+    groups: dict[tuple, list[Assignment]] = {}
+    out = []
+    for a in assignments:
+        sets = {tuple(membership[n]) for n in a.full.values()}
+        if (type(a.handler) is LinearHandler and isinstance(a.module, nn.Linear)
+                and "weight" in a.names and len(sets) == 1):
+            groups.setdefault((a.names, *sets), []).append(a)
+        else:
+            out.append(a)
+    for (names, _), members in groups.items():
+        if len(members) == 1:
+            out += members
+            continue
+        handler = SharedInputHandler([cast(nn.Linear, a.module) for a in members], names)
+        full = {f"{i}.{n}": a.full[n] for i, a in enumerate(members) for n in names}
+        out.append(Assignment(members[0].module, handler, tuple(full), full))
     return out
 
 
@@ -613,6 +640,9 @@ def structured_kernels(
         probe: Probe = found
         # Per example of a tile: its features and about as much again for the capture's graph.
         features_pe, n_out = probe.features_per_example, probe.n_out
+        membership = {n: [s for s, names in sets.items() if n in names] for n in selected}
+        if not per_layer:
+            assignments = fuse_linears(assignments, membership)
         n_blocks = sum(len(v) for v in sets.values()) if per_layer else len(sets)
         tiles = structured_tiles(features_pe, n1, n2, n_out, layout,
                                  torch.empty((), dtype=dtype).element_size(), n_blocks, budget,
@@ -632,7 +662,6 @@ def structured_kernels(
             cache[key] = features(which, *rng)
             return cache[key]
 
-        membership = {n: [s for s, names in sets.items() if n in names] for n in selected}
 
         def full_blocks(rows: list[int], cols: list[int]) -> dict[str, dict[str, torch.Tensor]]:
             """Blocks (P, P, C, C) in the ``full`` layout at the P examples ``rows`` of x1 and
