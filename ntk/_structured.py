@@ -29,6 +29,10 @@ result unchanged when the output is broadcast against the batch, and makes the b
 per-example. Modules whose inputs carry no batch dimension at all raise
 :class:`ntk._handlers.StructuredError`.
 
+The probe (:func:`_probe`: broadcast rules, batched arguments, in-place copies, C, uncalled
+modules, bytes of features) runs once per model, input shapes and request; repeat calls reuse
+its findings (:mod:`ntk._probe_cache`).
+
 Memory: a probe tile measures the bytes of features per example; tiles are sized by
 :func:`ntk._memory.structured_tiles` so that two tiles' features and the contraction chunks
 fit the budget; features of all tiles are kept when they fit in half the budget, otherwise
@@ -42,8 +46,9 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,13 +58,16 @@ from ntk._handlers import (
     STRATEGIES,
     Call,
     Handler,
+    LinearHandler,
+    SharedInputHandler,
     StructuredError,
     batched_vjp,
     handler_for,
 )
-from ntk._inputs import Inputs, call_model, example_counts, take, to_device
+from ntk._inputs import Inputs, call_model, example_counts, select, take, to_device
 from ntk._memory import default_budget, structured_tiles, tile_pairs
 from ntk._params import ParamSelector, select_parameters
+from ntk._probe_cache import Probe, probe_key, recall, remember
 from ntk._problem import (
     KernelOutputError,
     check_output,
@@ -72,7 +80,7 @@ from ntk._problem import (
 from ntk._verify import check_finite
 from ntk._verify import verify as check_kernels
 
-__all__ = ["Assignment", "Timings", "assign", "capture", "structured_kernels"]
+__all__ = ["Assignment", "Timings", "assign", "capture", "fuse_linears", "structured_kernels"]
 
 PROBE_EXAMPLES = 4
 
@@ -208,6 +216,31 @@ def assign(model: nn.Module, selected: list[str]) -> list[Assignment]:
     return out
 
 
+def fuse_linears(assignments: list[Assignment], membership: Mapping[str, list[str]]
+                 ) -> list[Assignment]:
+    """Linear layers whose selected parameters (the weight, perhaps the bias, the same in each)
+    all belong to the same parameter sets, as one assignment of a
+    :class:`~ntk._handlers.SharedInputHandler`, which forms one block for those that read the
+    same input (q, k, v). For the summed kernels only (not ``per_layer``)."""
+    groups: dict[tuple, list[Assignment]] = {}
+    out = []
+    for a in assignments:
+        sets = {tuple(membership[n]) for n in a.full.values()}
+        if (type(a.handler) is LinearHandler and isinstance(a.module, nn.Linear)
+                and "weight" in a.names and len(sets) == 1):
+            groups.setdefault((a.names, *sets), []).append(a)
+        else:
+            out.append(a)
+    for (names, _), members in groups.items():
+        if len(members) == 1:
+            out += members
+            continue
+        handler = SharedInputHandler([cast(nn.Linear, a.module) for a in members], names)
+        full = {f"{i}.{n}": a.full[n] for i, a in enumerate(members) for n in names}
+        out.append(Assignment(members[0].module, handler, tuple(full), full))
+    return out
+
+
 class InPlaceError(StructuredError):
     """A hooked module's input or output was changed in place later in the forward."""
 
@@ -232,7 +265,7 @@ def capture(
     sum_logits: bool,
     modes: Mapping[nn.Module, str] | None = None,
     batched: Batched | None = None,
-    clone: set[nn.Module] | None = None,
+    clone: AbstractSet[nn.Module] | None = None,
 ) -> tuple[dict[nn.Module, list[Call]], torch.Tensor]:
     """One forward with hooks and one backward batched over outputs; see the module docstring.
 
@@ -426,34 +459,19 @@ def _kernel_mode(model: nn.Module) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-@dataclass
-class Probe:
-    """What the probe found out about the model (see :func:`_probe`).
-
-    Attributes:
-        modes: unbatched hooked module -> how its output broadcasts to the batch.
-        batched: hooked module -> per call, which arguments carry the batch.
-        clone: modules whose calls are copied (their input or output is changed in place).
-        calls: the probe's captured calls; n_out: C, the number of outputs.
-    """
-
-    modes: dict[nn.Module, str]
-    batched: dict[nn.Module, list]
-    clone: set[nn.Module]
-    calls: dict[nn.Module, list[Call]]
-    n_out: int
-
-
 def _probe(
     model: nn.Module, assignments: list[Assignment], x: Inputs, n: int,
     fn: Callable[[Any], torch.Tensor], sum_logits: bool,
+    prepare: Callable[[dict[nn.Module, list[Call]], int], Any],
 ) -> Probe:
     """How unbatched hooked modules broadcast: the first rule whose hooked forward on the probe
     examples reproduces the plain forward ("expand", then "prepend"); which arguments are
-    batched; which modules' calls must be copied because the forward changes them in place.
+    batched; which modules' calls must be copied because the forward changes them in place;
+    C; the bytes of ``prepare``'d features per example.
 
     Raises:
-        StructuredError: neither rule reproduces the model's outputs.
+        StructuredError: neither rule reproduces the model's outputs, or a selected parameter
+            moves the outputs from a module that is never called (:func:`_check_uncalled`).
     """
     with torch.no_grad():
         plain = fn(call_model(model, {}, x))
@@ -482,7 +500,9 @@ def _probe(
             continue
         scale = max(float(plain.abs().max()), 1e-30)
         if f.shape == plain.shape and float((f - plain).abs().max()) <= 1e-6 * scale:
-            return Probe(modes, batched, clone, calls, int(f.shape[1]))
+            _check_uncalled(model, assignments, calls, x, fn)
+            features = max(1, _nbytes(prepare(calls, n))) / n
+            return Probe(modes, batched, frozenset(clone), int(f.shape[1]), features)
         errors.append(f"{rule or 'batched'}: outputs differ from the plain forward")
     raise StructuredError(
         "the structured engine could not reproduce the model's outputs with its hooks "
@@ -593,8 +613,6 @@ def structured_kernels(
     for which, x in inputs.items():
         probe_forward(model, x, f"x{which}")
 
-    probe: Probe | None = None
-
     work = product_dtype(dtype, [named[n].dtype for n in selected])
 
     def prepare(calls: dict[nn.Module, list[Call]], n: int) -> list[Any]:
@@ -605,7 +623,6 @@ def structured_kernels(
 
     def features(which: int, start: int, stop: int) -> list[Any]:
         captures[0] += 1
-        assert probe is not None
         calls, _ = capture(model, assignments, take(inputs[which], start, stop), stop - start,
                            fn, sum_logits, probe.modes, probe.batched, probe.clone)
         return prepare(calls, stop - start)
@@ -613,13 +630,19 @@ def structured_kernels(
     started = time.perf_counter()
     with _kernel_mode(model):
         probe_n = min(PROBE_EXAMPLES, n1)
-        probe = _probe(model, assignments, take(inputs[1], 0, probe_n), probe_n, fn, sum_logits)
-        probe_calls, n_out = probe.calls, probe.n_out
-        _check_uncalled(model, assignments, probe_calls, take(inputs[1], 0, probe_n), fn)
+        probe_x = take(inputs[1], 0, probe_n)
+        key = probe_key(model, probe_x, probe_n, fn, (tuple(selected), sum_logits, work, tuple(
+            (type(a.handler), a.names) for a in assignments)))
+        found = recall(model, key, fn)
+        if found is None:
+            found = _probe(model, assignments, probe_x, probe_n, fn, sum_logits, prepare)
+            remember(model, key, fn, found)
+        probe: Probe = found
         # Per example of a tile: its features and about as much again for the capture's graph.
-        features_pe = max(1, _nbytes(prepare(probe_calls, probe_n))) / probe_n
-        del probe_calls
-        probe.calls = {}
+        features_pe, n_out = probe.features_per_example, probe.n_out
+        membership = {n: [s for s, names in sets.items() if n in names] for n in selected}
+        if not per_layer:
+            assignments = fuse_linears(assignments, membership)
         n_blocks = sum(len(v) for v in sets.values()) if per_layer else len(sets)
         tiles = structured_tiles(features_pe, n1, n2, n_out, layout,
                                  torch.empty((), dtype=dtype).element_size(), n_blocks, budget,
@@ -639,13 +662,32 @@ def structured_kernels(
             cache[key] = features(which, *rng)
             return cache[key]
 
+
+        def full_blocks(rows: list[int], cols: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+            """Blocks (P, P, C, C) in the ``full`` layout at the P examples ``rows`` of x1 and
+            ``cols`` of x2 (none when x2 is None), from one capture of each (for the check)."""
+            parts = [(1, rows)] if symmetric else [(1, rows), (2, cols)]
+            tiles, start = [], 0
+            for which, idx in parts:
+                calls, _ = capture(model, assignments, select(inputs[which], idx), len(idx), fn,
+                                   sum_logits, probe.modes, probe.batched, probe.clone)
+                tiles.append((prepare(calls, len(idx)), (start, start + len(idx))))
+                start += len(idx)
+            full = {s: {n: torch.zeros(start, start, n_out, n_out, dtype=dtype, device=device)
+                        for n in (names if per_layer else ["total"])} for s, names in sets.items()}
+            for i, (fr, rr) in enumerate(tiles):
+                for fc, cc in tiles[i:]:
+                    for a, r, c in zip(assignments, fr, fc, strict=True):
+                        _contract(a, r, c, "full", strategy, full, membership, per_layer, True,
+                                  rr, cc)
+            return full
+
         shape = {"full": (n_out, n_out), "diagonal": (n_out,), "trace": ()}[layout]
         results: dict[str, dict[str, torch.Tensor]] = {
             s: {n: torch.zeros(n1, n2, *shape, dtype=dtype, device=device)
                 for n in (names if per_layer else ["total"])}
             for s, names in sets.items()
         }
-        membership = {n: [s for s, names in sets.items() if n in names] for n in selected}
         t_capture_start = time.perf_counter() - started
         pairs = [(c, r) for c, rows in tile_pairs(n1, n2, tile, symmetric) for r in rows]
         bar = _progress(len(pairs), progress)
@@ -679,8 +721,10 @@ def structured_kernels(
         check_finite(results)
         t_verify, u_verify = clock(), cpu()
         if verify:
-            check_kernels(model, inputs[1], inputs.get(2), n1, n2, sets, results, layout,
-                          sum_logits, fn, per_layer)
+            rows = sorted({0, n1 - 1})
+            cols = rows if symmetric else sorted({0, n2 - 1})
+            check_kernels(model, inputs[1], inputs.get(2), rows, cols, sets, results,
+                          full_blocks(rows, cols), layout, sum_logits, fn)
         t_verify, u_verify = clock() - t_verify, cpu() - u_verify
         timings = Timings(tile=tile, tile_pairs=len(pairs),
                           captures=captures[0] - captures_before, keep_all=keep_all,

@@ -70,7 +70,9 @@ def kernels(
             with ``R`` the token rows of a tile that carry a back-signal, ``q = C^2`` for
             ``full`` and C otherwise, ``e`` the Gram entries per token pair, ``s = 1/2`` on the
             diagonal tiles of ``x2=None`` and ``s'`` the share of a symmetric product computed
-            (constants fitted to measured times on CPU).
+            (constants fitted to measured times on CPU). Without ``per_layer``, Linear layers
+            that read the same input (q, k, v) share one ghost product when that is cheaper
+            (:mod:`ntk._handlers.shared_input`).
         progress: show a progress bar over tile pairs.
         output_fn: maps the model output to (N, C) (default ``.logits`` or the output).
         check: compare this many random entries of every set (True: 4) with the slow exact

@@ -128,6 +128,74 @@ def test_a_wrong_handler_is_refused_by_the_self_check(monkeypatch):
     assert float((got - want).norm() / want.norm()) < 1e-12
 
 
+def _c_outputs(c: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(c)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, c)).double().eval()
+    return model, torch.randn(5, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+
+
+def _patch_blocks(monkeypatch, change):
+    """Every Linear block passed through ``change(block, layout)``."""
+    real = LinearHandler.blocks
+
+    def blocks(self, module, f1, f2, names, layout, strategy):
+        return {k: change(v, layout) for k, v in
+                real(self, module, f1, f2, names, layout, strategy).items()}
+
+    monkeypatch.setattr(LinearHandler, "blocks", blocks)
+
+
+@pytest.mark.parametrize("c", [1, 2, 10])
+@pytest.mark.parametrize("output", ["full", "diagonal", "trace"])
+@pytest.mark.parametrize("two", [False, True], ids=["x2=None", "x2"])
+def test_self_check_passes_right_kernels_and_refuses_scaled_blocks(monkeypatch, c, output, two):
+    """A block scaled by 1.001 everywhere (check (A): projections against autograd) or only in
+    tiles of more than two examples, as a tile-size dependence would (check (B): the returned
+    entries against the full blocks of the checked examples) is refused at every C."""
+    model, x, x2 = _c_outputs(c)
+    x2 = x2 if two else None
+    got = ntk.structured_ntk(model, x, x2, params="all", output=output)
+    want = ntk.reference_ntk(model, x, x2, params="all", output=output)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-10
+    for when, words in ((lambda b: True, "projected on the outputs"),
+                        (lambda b: b.shape[0] > 2, "against its full blocks")):
+        with monkeypatch.context() as m:
+            _patch_blocks(m, lambda b, layout, when=when: 1.001 * b if when(b) else b)
+            with pytest.raises(StructuredError, match=f"disagrees with whole per-example.*{words}"):
+                ntk.structured_ntk(model, x, x2, params="all", output=output)
+
+
+def test_self_check_refuses_an_antisymmetric_error_of_the_output_blocks(monkeypatch):
+    """``E(c, c') = -E(c', c)`` added to every full block escapes ``u^T E u = 0``; the pairs of
+    different projections ``u_r^T E u_s`` find it."""
+    model, x, _ = _c_outputs(10)
+    skew = torch.randn(10, 10, dtype=F64, generator=torch.Generator().manual_seed(1))
+    skew = 1e-3 * (skew - skew.T)
+    ntk.structured_ntk(model, x, params="all")
+    _patch_blocks(monkeypatch, lambda b, layout: b + skew if layout == "full" else b)
+    with pytest.raises(StructuredError, match="projected on the outputs"):
+        ntk.structured_ntk(model, x, params="all")
+
+
+def test_self_check_takes_two_projections_whatever_c(monkeypatch):
+    """The check's backward passes: min(C, 2) per checked example."""
+    import ntk._verify as verify
+
+    seen = []
+    real = verify._gradients
+
+    def gradients(*args):
+        out = real(*args)
+        seen.append(next(iter(out.values())).shape[:2])
+        return out
+
+    monkeypatch.setattr(verify, "_gradients", gradients)
+    for c in (1, 2, 10):
+        model, x, _ = _c_outputs(c)
+        ntk.structured_ntk(model, x, params="all", output="trace")
+    assert seen == [(2, 1), (2, 2), (2, 2)]
+
+
 # -- the memory planner is cheap --------------------------------------------------------------------
 
 

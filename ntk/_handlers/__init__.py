@@ -15,6 +15,8 @@ One handler per file (notation in :mod:`ntk._handlers.base`):
   ``lora_B[adapter]`` are ``nn.Linear`` modules *called* inside ``lora.Linear.forward``, so
   their hooks capture exactly the inputs ``dropout(x)`` and ``A x`` and the back-signals
   ``scaling * B^T g`` and ``scaling * g`` of the LoRA formulas.
+- :mod:`~ntk._handlers.shared_input`: several ``nn.Linear`` layers (summed kernels only), one
+  block for those that read the same input (q, k, v): their back-signals concatenated.
 - :mod:`~ntk._handlers.propulsion`: Propulsion wrappers (z):
   ``p_j = k z_j^(k-1) sum_t g_tj u_tj`` with ``u`` the base layer's output, block ``<p, p'>``;
   zero while merged (z is then unused).
@@ -51,6 +53,7 @@ from ntk._handlers.fallback import FallbackHandler
 from ntk._handlers.layernorm import LayerNormHandler
 from ntk._handlers.linear import LinearHandler, linear_costs
 from ntk._handlers.propulsion import PropulsionHandler
+from ntk._handlers.shared_input import SharedInputHandler
 from propulsion.layer import PropulsionLayer
 
 __all__ = [
@@ -66,6 +69,7 @@ __all__ = [
     "LayerNormHandler",
     "LinearHandler",
     "PropulsionHandler",
+    "SharedInputHandler",
     "StructuredError",
     "VectorHandler",
     "batched_vjp",

@@ -88,7 +88,8 @@ class _LinearFeatures:
         return self.x.shape[0] == self.n * self.t
 
 
-def _pack(x: torch.Tensor, g: torch.Tensor) -> _LinearFeatures:
+def _pack(x: torch.Tensor, g: torch.Tensor, live: torch.Tensor | None = None
+          ) -> _LinearFeatures:
     """Keep the token positions whose back-signal is non-zero for some output (exact).
 
     ``x`` (n, T, d_in), ``g`` (C, n, T, d_out). A token with ``g = 0`` for every output adds
@@ -98,7 +99,8 @@ def _pack(x: torch.Tensor, g: torch.Tensor) -> _LinearFeatures:
     """
     c, n, t, d_out = g.shape
     gt = g.permute(1, 2, 0, 3)  # (n, T, C, d_out)
-    live = (g != 0).any(-1).any(0)  # (n, T)
+    if live is None:  # (n, T); given when known
+        live = (g != 0).any(-1).any(0)
     if t == 1 or bool(live.all()):
         rows = torch.arange(n * t, device=x.device)
         return _LinearFeatures(x.reshape(n * t, -1), gt.reshape(n * t, c, d_out), rows // t,
