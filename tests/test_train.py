@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -160,6 +161,39 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert not own.duplicated(["step", "kind"]).any()
     pd.testing.assert_frame_equal(comparable(resumed.rows), comparable(straight.rows), check_exact=True)
     assert json.loads((tmp_path / "b" / "run.json").read_text())["resumed_at_steps"] == [4]
+
+
+class KillAfter(Probe):
+    """A Probe that copies the run folder during step ``at``: what a SIGKILL then leaves behind."""
+
+    def __init__(self, at: int, copy_to):
+        super().__init__()
+        self.at, self.copy_to = at, copy_to
+
+    def on_batch_end(self, state, batch, loss) -> None:
+        super().on_batch_end(state, batch, loss)
+        if state.step == self.at:
+            shutil.copytree(state.out_dir, self.copy_to)
+
+
+def test_kill_right_after_a_checkpoint_resumes_to_the_same_rows_and_weights(tmp_path):
+    cfg, data = toy_config(), toy_data()  # checkpoints at steps 4 and 8
+    killer = KillAfter(9, copy_to=tmp_path / "b")  # the straight run leaves a killed copy of itself
+    straight = train(cfg, tmp_path / "a", model=BagClassifier(), data=data, callbacks=[killer],
+                     progress=False)
+    left = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert left["status"] == "running" and (tmp_path / "b" / "checkpoint.pt").exists()
+    probe = Probe()
+    resumed = train(cfg, tmp_path / "b", model=BagClassifier(seed=99), data=data, callbacks=[probe],
+                    progress=False)
+    assert probe.starts == [8]
+    pd.testing.assert_frame_equal(comparable(resumed.rows), comparable(straight.rows), check_exact=True)
+    for (name, weight), (other, expected) in zip(resumed.model.state_dict().items(),
+                                                 straight.model.state_dict().items(), strict=True):
+        assert name == other and torch.equal(weight, expected), name
+    best = [(tmp_path / run / "best.safetensors").read_bytes() for run in ("a", "b")]
+    assert best[0] == best[1]
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["resumed_at_steps"] == [8]
 
 
 def test_finished_run_is_returned_not_recomputed(tmp_path):

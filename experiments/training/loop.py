@@ -33,7 +33,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,26 +288,37 @@ def train(config: TrainConfig, out_dir: str | Path, *, model: nn.Module | None =
 
 def _train(config: TrainConfig, out: Path, *, model: nn.Module | None, data: EncodedSplits | None,
            callbacks: Sequence[Callback], progress: bool) -> RunResult:
-    """:func:`train` once ``out`` is locked for this process."""
-    run_path, ckpt_path = out / "run.json", out / CHECKPOINT_NAME
-    chash = config.config_hash()
+    """:func:`train` once ``out`` is locked for this process: the stored result of a finished run,
+    or set up, resume from the checkpoint if there is one, train the remaining steps, finish."""
+    stored = _stored_run(config, out)
+    if stored is not None and stored.get("status") in TERMINAL:
+        return _stored_result(out, config, stored)
+    run = _Run.set_up(config, out, stored, model=model, data=data, callbacks=callbacks)
+    checkpoint = run.resume(stored)
+    run.open_record(stored, resumed=checkpoint is not None)
+    run.start(checkpoint)
+    run.train_steps(progress)
+    return run.finish()
+
+
+def _stored_run(config: TrainConfig, out: Path) -> dict[str, Any] | None:
+    """``out/run.json`` (its checksum verified), None if absent; a run of another config is refused."""
+    run_path, chash = out / "run.json", config.config_hash()
     stored = read_json(run_path, remedy=_afresh(out)) if run_path.exists() else None
     if stored is not None and stored.get("config_hash") != chash:
         raise ValueError(f"{out} holds a run of another config (hash {stored.get('config_hash')}, this one "
                          f"{chash}); choose another --out folder or delete {out} to start afresh")
-    if stored is not None and stored.get("status") in TERMINAL:
-        return _stored_result(out, config, stored)
-    device = _resolve_device(config)
+    return stored
 
-    # ---- data, model, method, optimiser: all seeded from config.seed
-    data = data if data is not None else _load_data(config)
-    if stored is not None and stored.get("data_fingerprint") not in (None, data.fingerprint):
-        raise ValueError(f"{out} holds a run on other data (fingerprint {stored['data_fingerprint']}, this "
-                         f"{data.fingerprint}); choose another --out folder or delete {out}")
+
+def _prepared_model(config: TrainConfig, model: nn.Module | None, num_labels: int,
+                    device: torch.device) -> nn.Module:
+    """``model`` (default: ``load_model(config.model)``) prepared for ``config.method`` on ``device``
+    (seeded from ``config.seed``), every dropout set to ``config.dropout`` when given."""
     if model is None:
         from experiments.data.models import load_model
 
-        model = load_model(config.model, data.num_labels, device=device, seed=config.seed)
+        model = load_model(config.model, num_labels, device=device, seed=config.seed)
     torch.manual_seed(config.seed)
     from experiments.training.methods import prepare
 
@@ -316,197 +327,334 @@ def _train(config: TrainConfig, out: Path, *, model: nn.Module | None, data: Enc
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = config.dropout
-    num_labels = _num_outputs(model, data, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    optimizer = _optimizer(config, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
-    scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    return model
 
-    def autocast():
+
+def _eval_index(config: TrainConfig, n_val: int) -> torch.Tensor:
+    """The validation examples of every evaluation: all ``n_val``, or ``eval_examples`` of them
+    drawn once with seed ``config.seed + 1``, sorted."""
+    if config.eval_examples is None or config.eval_examples >= n_val:
+        return torch.arange(n_val)
+    chooser = torch.Generator().manual_seed(config.seed + 1)
+    return torch.randperm(n_val, generator=chooser)[:config.eval_examples].sort().values
+
+
+def _stopped_by(exc: BaseException, step: int) -> tuple[str, str]:
+    """The status and message of ``run.json`` when ``exc`` (Ctrl-C or another) ends a run after ``step``."""
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    return ("interrupted" if interrupted else "failed",
+            f"{'interrupted' if interrupted else f'failed ({type(exc).__name__}: {exc})'} after "
+            f"step {step}; run again to resume from the last checkpoint")
+
+
+@dataclass
+class _Run:
+    """One training run in its locked folder ``out``; each method is one step of :func:`_train`.
+
+    Fixed by :meth:`set_up`: config, data, device, the prepared model, its trainable ``params``,
+    optimiser, schedule, gradient scaler (fp16 only), batch sampler and validation subset. Changed
+    as the run goes: ``rows`` (the tidy rows, also the callbacks' sink), ``best``, ``start_step``
+    (0, or the checkpoint's step), ``train_seconds``, ``status`` / ``message`` (finished, or
+    stopped_nan and why), ``info`` (what ``run.json`` holds) and ``state`` (what callbacks see).
+    """
+
+    config: TrainConfig
+    out: Path
+    data: EncodedSplits
+    device: torch.device
+    model: nn.Module
+    callbacks: Sequence[Callback]
+    num_labels: int
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    sampler: EpochSampler
+    eval_index: torch.Tensor
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # {"step", "metrics", "state"} of the best validation pass
+    start_step: int = 0
+    train_seconds: float = 0.0  # optimisation steps only, evaluations excluded
+    status: str = "finished"
+    message: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    state: TrainState = field(init=False)  # set by open_record
+    memory: MemoryProbe = field(init=False)  # set by open_record
+
+    @classmethod
+    def set_up(cls, config: TrainConfig, out: Path, stored: dict[str, Any] | None, *,
+               model: nn.Module | None, data: EncodedSplits | None, callbacks: Sequence[Callback]) -> _Run:
+        """Device, data (refused if not the stored run's), prepared model, optimiser, schedule,
+        scaler, sampler and validation subset, all seeded from ``config.seed``."""
+        device = _resolve_device(config)
+        data = data if data is not None else _load_data(config)
+        if stored is not None and stored.get("data_fingerprint") not in (None, data.fingerprint):
+            raise ValueError(f"{out} holds a run on other data (fingerprint {stored['data_fingerprint']}, "
+                             f"this {data.fingerprint}); choose another --out folder or delete {out}")
+        model = _prepared_model(config, model, data.num_labels, device)
+        num_labels = _num_outputs(model, data, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _optimizer(config, params)
+        return cls(config=config, out=out, data=data, device=device, model=model, callbacks=callbacks,
+                   num_labels=num_labels, params=params, optimizer=optimizer,
+                   scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s)),
+                   scaler=torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None,
+                   sampler=EpochSampler(len(data.train), config.batch_size, config.seed),
+                   eval_index=_eval_index(config, len(data.validation)))
+
+    @property
+    def run_path(self) -> Path:
+        return self.out / "run.json"
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """Autocast to ``config.mixed_precision`` on CUDA, else a context that does nothing."""
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision)
         return torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
-    sampler = EpochSampler(len(data.train), config.batch_size, config.seed)
-    n_val = len(data.validation)
-    if config.eval_examples is None or config.eval_examples >= n_val:
-        eval_index = torch.arange(n_val)
-    else:
-        chooser = torch.Generator().manual_seed(config.seed + 1)
-        eval_index = torch.randperm(n_val, generator=chooser)[:config.eval_examples].sort().values
+    # ---- set up: resume, record, start
+    def resume(self, stored: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Load the checkpoint a stored run left (None if none: a fresh start) into the model,
+        optimiser, schedule, scaler, sampler and callbacks, and restore rows, best, start_step and
+        train_seconds; returns it. Refuses one of other config or data or callbacks."""
+        if stored is None or not self.ckpt_path.exists():
+            return None
+        checkpoint = load_checkpoint(self.ckpt_path)
+        self._check_fits(checkpoint)
+        load_trainable_state(self.model, checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.sampler.load_state_dict(checkpoint["sampler"])
+        for callback, cb_state in zip(self.callbacks, checkpoint["callbacks"], strict=True):
+            callback.load_state_dict(cb_state)
+        self.rows, self.best = list(checkpoint["rows"]), checkpoint["best"]
+        self.start_step, self.train_seconds = int(checkpoint["step"]), float(checkpoint["train_seconds"])
+        return checkpoint
 
-    # ---- fresh start or resume
-    rows: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None  # {"step", "metrics", "state"}
-    start_step, train_seconds = 0, 0.0
-    checkpoint = load_checkpoint(ckpt_path) if stored is not None and ckpt_path.exists() else None
-    if checkpoint is not None:
-        if checkpoint["config_hash"] != chash or checkpoint["data_fingerprint"] != data.fingerprint:
-            raise ValueError(f"{ckpt_path} was written for another config or data (hash "
+    def _check_fits(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another config hash, data fingerprint or number of callbacks."""
+        if (checkpoint["config_hash"] != self.config.config_hash()
+                or checkpoint["data_fingerprint"] != self.data.fingerprint):
+            raise ValueError(f"{self.ckpt_path} was written for another config or data (hash "
                              f"{checkpoint['config_hash']}, data {checkpoint['data_fingerprint']}); "
                              f"delete it or choose another --out")
-        if len(checkpoint["callbacks"]) != len(callbacks):
+        if len(checkpoint["callbacks"]) != len(self.callbacks):
             raise ValueError(f"the checkpoint holds {len(checkpoint['callbacks'])} callback states but "
-                             f"{len(callbacks)} callbacks were given; resume with the same callbacks")
-        load_trainable_state(model, checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        sampler.load_state_dict(checkpoint["sampler"])
-        for callback, cb_state in zip(callbacks, checkpoint["callbacks"], strict=True):
-            callback.load_state_dict(cb_state)
-        rows, best = list(checkpoint["rows"]), checkpoint["best"]
-        start_step, train_seconds = int(checkpoint["step"]), float(checkpoint["train_seconds"])
-    info: dict[str, Any] = {
-        "config": config.to_dict(), "config_hash": chash, "seed": config.seed,
-        "data_fingerprint": data.fingerprint, "num_labels": num_labels,
-        "trainable_parameters": n_trainable,
-        "total_parameters": sum(p.numel() for p in model.parameters()),
-        "started": stored["started"] if stored else _now(),
-        "resumed_at_steps": [*(stored or {}).get("resumed_at_steps", []),
-                             *([start_step] if checkpoint is not None else [])],
-        "status": "running", **provenance(device),
-    }
-    write_json(info, run_path)
+                             f"{len(self.callbacks)} callbacks were given; resume with the same callbacks")
 
-    state = TrainState(config=config, model=model, optimizer=optimizer, scheduler=scheduler, data=data,
-                       device=device, out_dir=out, step=start_step, start_step=start_step, _sink=rows.append)
-    memory = MemoryProbe(device)
-    memory.reset()
-    info["baseline_memory_mb"] = memory.baseline_mb
+    def open_record(self, stored: dict[str, Any] | None, *, resumed: bool) -> None:
+        """Write ``run.json`` (config, hash, sizes, start and resume steps, provenance, status
+        running), then attach the callbacks' ``state`` and the memory probe (its baseline in ``info``)."""
+        config = self.config
+        self.info = {
+            "config": config.to_dict(), "config_hash": config.config_hash(), "seed": config.seed,
+            "data_fingerprint": self.data.fingerprint, "num_labels": self.num_labels,
+            "trainable_parameters": self.trainable_parameters,
+            "total_parameters": sum(p.numel() for p in self.model.parameters()),
+            "started": stored["started"] if stored else _now(),
+            "resumed_at_steps": [*(stored or {}).get("resumed_at_steps", []),
+                                 *([self.start_step] if resumed else [])],
+            "status": "running", **provenance(self.device),
+        }
+        write_json(self.info, self.run_path)
+        self.state = TrainState(config=config, model=self.model, optimizer=self.optimizer,
+                                scheduler=self.scheduler, data=self.data, device=self.device,
+                                out_dir=self.out, step=self.start_step, start_step=self.start_step,
+                                _sink=self.rows.append)
+        self.memory = MemoryProbe(self.device)
+        self.memory.reset()
+        self.info["baseline_memory_mb"] = self.memory.baseline_mb
 
-    def run_eval(step: int) -> dict[str, float]:
-        nonlocal best
-        metrics = evaluate(model, data.validation, eval_index, batch_size=config.eval_batch_size,
-                           device=device, autocast=autocast, num_labels=num_labels)
-        rows.append({"step": step, "kind": "eval", **metrics, "train_seconds": train_seconds})
-        if _better(config, metrics, best):
-            best = {"step": step, "metrics": metrics, "state": trainable_state(model)}
-        for callback in callbacks:
-            callback.on_evaluate(state, dict(metrics))
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def start(self, checkpoint: dict[str, Any] | None) -> None:
+        """``on_start`` of every callback; on a fresh start the step-0 validation pass and the RNG
+        seeded from ``config.seed``, on a resume the RNG as it was right after the checkpointed
+        step; then train mode."""
+        for callback in self.callbacks:
+            callback.on_start(self.state)
+        if checkpoint is None:
+            self.validate(0)
+            torch.manual_seed(self.config.seed)
+        else:
+            torch.set_rng_state(checkpoint["torch_rng"])
+            if self.device.type == "cuda" and checkpoint["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(checkpoint["cuda_rng"], self.device)
+        self.model.train()
+
+    # ---- the steps
+    def train_steps(self, progress: bool) -> None:
+        """Steps ``start_step + 1 .. config.steps`` (fewer after a NaN stop) under a tqdm bar. Any
+        exception, Ctrl-C included, first records the rows so far and status interrupted or failed
+        in ``run.json`` (the next call resumes from the checkpoint), then propagates."""
+        bar = tqdm(total=self.config.steps, initial=self.start_step, disable=not progress,
+                   desc=self.config.method, leave=False)
+        try:
+            for step in range(self.start_step + 1, self.config.steps + 1):
+                done = self.optimise(step)
+                if done is None:
+                    break
+                self.after_step(step, *done, bar)
+        except BaseException as exc:
+            self.save_progress(*_stopped_by(exc, self.state.step))
+            raise
+        finally:
+            bar.close()
+
+    def optimise(self, step: int) -> tuple[dict[str, torch.Tensor], float] | None:
+        """Update ``step``: next batch, forward, cross-entropy, backward, clipping, optimiser and
+        schedule step; appends its train row, sets ``state.step``; returns (batch, loss). A
+        non-finite loss or gradient norm instead stops the run (:meth:`_stop_nan`): None."""
+        t0 = time.perf_counter()
+        batch = self.data.train.batch(self.sampler.next(), self.device)
+        with self.autocast():
+            loss = F.cross_entropy(_logits(self.model, batch), batch["labels"])
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            self._stop_nan(step, loss_value, f"loss became {loss_value} at step {step}; try a lower lr")
+            return None
+        grad_norm = self._backward(loss)
+        if self.scaler is None and not math.isfinite(grad_norm):
+            self._stop_nan(step, loss_value,
+                           f"gradient norm became {grad_norm} at step {step}; try a lower lr")
+            return None
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._update()
+        seconds = time.perf_counter() - t0
+        self.train_seconds += seconds
+        self.state.step = step
+        self.rows.append({"step": step, "kind": "train", "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                          "seconds": seconds, "train_seconds": self.train_seconds,
+                          "tokens_per_s": float(batch["attention_mask"].sum()) / seconds,
+                          "peak_memory_mb": self.memory.peak_mb()})
+        return batch, loss_value
+
+    def _backward(self, loss: torch.Tensor) -> float:
+        """Gradients of ``loss`` (scaled then unscaled under fp16), clipped to ``clip_norm``; their norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        return float(torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm or math.inf))
+
+    def _update(self) -> None:
+        """Optimiser step (through the scaler under fp16), schedule step, CUDA synchronised."""
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _stop_nan(self, step: int, loss_value: float, message: str) -> None:
+        """Status stopped_nan with ``message``, recorded as a nan row of ``step``."""
+        self.status, self.message = "stopped_nan", message
+        self.rows.append({"step": step, "kind": "nan", "loss": loss_value, "message": message})
+
+    def after_step(self, step: int, batch: dict[str, torch.Tensor], loss_value: float, bar: Any) -> None:
+        """``on_batch_end`` of every callback; the validation pass every ``eval_every`` steps and at
+        the last; the checkpoint and ``run.json`` every ``checkpoint_every`` steps before the last."""
+        for callback in self.callbacks:
+            callback.on_batch_end(self.state, batch, loss_value)
+        bar.update(1)
+        if step % self.config.eval_every == 0 or step == self.config.steps:
+            metrics = self.validate(step)
+            bar.set_postfix(loss=f"{loss_value:.3f}", val_acc=f"{metrics['accuracy']:.3f}")
+        every = self.config.checkpoint_every
+        if every and step % every == 0 and step < self.config.steps:
+            self.save_checkpoint(step)
+            self.save_progress("running")
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Validation pass on ``eval_index`` at ``step``: appends its eval row, keeps the parameters
+        in ``best`` if better by ``config.select_by``, calls ``on_evaluate``; returns the metrics."""
+        metrics = evaluate(self.model, self.data.validation, self.eval_index,
+                           batch_size=self.config.eval_batch_size, device=self.device,
+                           autocast=self.autocast, num_labels=self.num_labels)
+        self.rows.append({"step": step, "kind": "eval", **metrics, "train_seconds": self.train_seconds})
+        if _better(self.config, metrics, self.best):
+            self.best = {"step": step, "metrics": metrics, "state": trainable_state(self.model)}
+        for callback in self.callbacks:
+            callback.on_evaluate(self.state, dict(metrics))
         return metrics
 
-    def save_progress(status: str, message: str = "", summary: dict[str, Any] | None = None) -> None:
-        info["rows_sha256"] = write_rows(rows, out / "rows.parquet")  # run.json vouches for the rows
-        info.update(status=status, message=message, updated=_now())
+    # ---- records
+    def save_checkpoint(self, step: int) -> None:
+        """``checkpoint.pt`` after ``step``: everything :meth:`resume` and :meth:`start` read back."""
+        save_checkpoint(self.ckpt_path, {
+            "config_hash": self.config.config_hash(), "data_fingerprint": self.data.fingerprint, "step": step,
+            "train_seconds": self.train_seconds, "model": trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "rows": self.rows, "best": self.best, "callbacks": [c.state_dict() for c in self.callbacks],
+        })
+
+    def save_progress(self, status: str, message: str = "", summary: dict[str, Any] | None = None) -> None:
+        """``rows.parquet``, then ``run.json`` vouching for it (its sha256) with ``status``,
+        ``message`` and, when given, ``summary``."""
+        self.info["rows_sha256"] = write_rows(self.rows, self.out / "rows.parquet")
+        self.info.update(status=status, message=message, updated=_now())
         if summary is not None:
-            info["summary"] = summary
-        write_json(info, run_path)
+            self.info["summary"] = summary
+        write_json(self.info, self.run_path)
 
-    for callback in callbacks:
-        callback.on_start(state)
-    if checkpoint is None:
-        run_eval(0)
-    if checkpoint is not None:  # the RNG as it was right after the checkpointed step
-        torch.set_rng_state(checkpoint["torch_rng"])
-        if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
-    else:
-        torch.manual_seed(config.seed)
+    # ---- finish
+    def finish(self) -> RunResult:
+        """``on_end`` of every callback (the last step's parameters still in the model); a finished
+        run's test pass (:meth:`test`); ``run.json`` with the summary and ``rows.parquet`` written
+        a last time; the checkpoint removed. Returns the result, rows read back from the file."""
+        for callback in self.callbacks:
+            callback.on_end(self.state)
+        test = self.test() if self.status == "finished" else None
+        steps_to_target, seconds_to_target = _to_target(self.config, self.rows)
+        best_step = int(self.best["step"]) if self.best else None
+        best_metrics = {k: float(v) for k, v in self.best["metrics"].items()} if self.best else None
+        summary = {"best_step": best_step, "best": best_metrics, "test": test,
+                   "steps_to_target": steps_to_target, "seconds_to_target": seconds_to_target,
+                   "train_seconds": self.train_seconds}
+        self.info["ended"] = _now()
+        self.save_progress(self.status, self.message, summary)
+        self.ckpt_path.unlink(missing_ok=True)
+        rows = read_rows(self.out / "rows.parquet", self.info["rows_sha256"], _afresh(self.out))
+        return RunResult(status=self.status, message=self.message, out_dir=self.out, config=self.config,
+                         rows=rows, best_step=best_step, best=best_metrics, test=test,
+                         steps_to_target=steps_to_target, seconds_to_target=seconds_to_target,
+                         trainable_parameters=self.trainable_parameters, model=self.model)
 
-    model.train()
-    status, message = "finished", ""
-    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc=config.method, leave=False)
-    try:
-        for step in range(start_step + 1, config.steps + 1):
-            t0 = time.perf_counter()
-            batch = data.train.batch(sampler.next(), device)
-            with autocast():
-                loss = F.cross_entropy(_logits(model, batch), batch["labels"])
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                status, message = "stopped_nan", f"loss became {loss_value} at step {step}; try a lower lr"
-                rows.append({"step": step, "kind": "nan", "loss": loss_value, "message": message})
-                break
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip_norm or math.inf))
-            if scaler is None and not math.isfinite(grad_norm):
-                status = "stopped_nan"
-                message = f"gradient norm became {grad_norm} at step {step}; try a lower lr"
-                rows.append({"step": step, "kind": "nan", "loss": loss_value, "message": message})
-                break
-            lr = optimizer.param_groups[0]["lr"]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            state.step = step
-            rows.append({"step": step, "kind": "train", "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                         "seconds": seconds, "train_seconds": train_seconds,
-                         "tokens_per_s": float(batch["attention_mask"].sum()) / seconds,
-                         "peak_memory_mb": memory.peak_mb()})
-            for callback in callbacks:
-                callback.on_batch_end(state, batch, loss_value)
-            bar.update(1)
-            if step % config.eval_every == 0 or step == config.steps:
-                metrics = run_eval(step)
-                bar.set_postfix(loss=f"{loss_value:.3f}", val_acc=f"{metrics['accuracy']:.3f}")
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                save_checkpoint(ckpt_path, {
-                    "config_hash": chash, "data_fingerprint": data.fingerprint, "step": step,
-                    "train_seconds": train_seconds, "model": trainable_state(model),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "rows": rows, "best": best, "callbacks": [c.state_dict() for c in callbacks],
-                })
-                save_progress("running")
-    except BaseException as exc:  # keep what was recorded; the next call resumes from the checkpoint
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        save_progress("interrupted" if interrupted else "failed",
-                      f"{'interrupted' if interrupted else f'failed ({type(exc).__name__}: {exc})'} after "
-                      f"step {state.step}; run again to resume from the last checkpoint")
-        raise
-    finally:
-        bar.close()
-
-    for callback in callbacks:  # the model still holds the parameters of the last step
-        callback.on_end(state)
-
-    # ---- test on the parameters chosen by validation
-    test = None
-    if status == "finished":
-        assert best is not None
-        load_trainable_state(model, best["state"])
-        test_metrics = evaluate(model, data.test, torch.arange(len(data.test)),
-                                batch_size=config.eval_batch_size, device=device, autocast=autocast,
-                                num_labels=num_labels)
-        test = {k: float(v) for k, v in test_metrics.items()}
-        rows.append({"step": best["step"], "kind": "test", **test_metrics, "selected_by": config.select_by})
+    def test(self) -> dict[str, float]:
+        """The test split on the ``best`` parameters (loaded into the model): appends the test row,
+        writes ``best.safetensors`` (its sha256 in ``info``) if ``save_best``, sets the finished
+        message; returns the test metrics."""
+        assert self.best is not None
+        best, config = self.best, self.config
+        load_trainable_state(self.model, best["state"])
+        metrics = evaluate(self.model, self.data.test, torch.arange(len(self.data.test)),
+                           batch_size=config.eval_batch_size, device=self.device, autocast=self.autocast,
+                           num_labels=self.num_labels)
+        test = {k: float(v) for k, v in metrics.items()}
+        self.rows.append({"step": best["step"], "kind": "test", **metrics, "selected_by": config.select_by})
         if config.save_best:
             from safetensors.torch import save
 
-            info["best_sha256"] = write_bytes(out / "best.safetensors",
-                                              save({k: v.contiguous() for k, v in best["state"].items()}))
-        message = (f"finished {config.steps} steps; validation {config.select_by} "
-                   f"{best['metrics'][config.select_by]:.4f} at step {best['step']}; test accuracy "
-                   f"{test['accuracy']:.4f}")
-    steps_to_target, seconds_to_target = _to_target(config, rows)
-    best_step = int(best["step"]) if best else None
-    best_metrics = {k: float(v) for k, v in best["metrics"].items()} if best else None
-    summary = {"best_step": best_step, "best": best_metrics, "test": test, "steps_to_target": steps_to_target,
-               "seconds_to_target": seconds_to_target, "train_seconds": train_seconds}
-    info["ended"] = _now()
-    save_progress(status, message, summary)
-    ckpt_path.unlink(missing_ok=True)
-    return RunResult(status=status, message=message, out_dir=out, config=config,
-                     rows=read_rows(out / "rows.parquet", info["rows_sha256"], _afresh(out)),
-                     best_step=best_step, best=best_metrics,
-                     test=test, steps_to_target=steps_to_target, seconds_to_target=seconds_to_target,
-                     trainable_parameters=n_trainable, model=model)
+            weights = save({k: v.contiguous() for k, v in best["state"].items()})
+            self.info["best_sha256"] = write_bytes(self.out / "best.safetensors", weights)
+        self.message = (f"finished {config.steps} steps; validation {config.select_by} "
+                        f"{best['metrics'][config.select_by]:.4f} at step {best['step']}; test accuracy "
+                        f"{test['accuracy']:.4f}")
+        return test
 
 
 # ------------------------------------------------------------------------------------------------
