@@ -310,7 +310,7 @@ def test_e9_verdict_is_the_paired_gain_of_the_papers_degree(gain, expected, monk
 
 
 def test_tuning_chooses_on_validation_ties_to_the_smaller_rate_and_never_a_diverged_one():
-    from experiments.suite._tuning import choose, chosen
+    from experiments.suite._tuning import choose, chosen, grid_edge, grid_text
 
     summaries = pd.DataFrame(
         {
@@ -322,6 +322,10 @@ def test_tuning_chooses_on_validation_ties_to_the_smaller_rate_and_never_a_diver
     )
     table = choose(summaries)
     assert chosen(table) == {"a": 1e-2, "b": 1e-3}
+    # a's pick is bracketed (1e-1 diverged); b's is its smallest rate: the text says so
+    assert [grid_edge(g) for _, g in table.groupby("key")] == [None, "lower"]
+    assert grid_text(table).endswith("[0.001 (0.600)], 0.01 (0.600) (chosen at the lower edge of the grid: "
+                                     "a better rate may lie beyond it)")
     diverged = table[(table["key"] == "a") & (table["lr"] == 1e-1)].iloc[0]
     assert diverged["best_val_accuracy"] == -math.inf and diverged["status"] == "stopped_nan"
     assert table.loc[

@@ -35,6 +35,7 @@ __all__ = [
     "choose",
     "chosen",
     "grid_text",
+    "grid_edge",
     "grid_for",
     "DEGREE_GRIDS",
     "TUNING_DIR",
@@ -242,5 +243,19 @@ def grid_text(table: pd.DataFrame) -> str:
             )
             item = f"{r['lr']:g} ({acc})"
             items.append(f"[{item}]" if r["chosen"] else item)
-        parts.append(f"{key}: {', '.join(items)}")
+        edge = grid_edge(group)
+        note = f" (chosen at the {edge} edge of the grid: a better rate may lie beyond it)" if edge else ""
+        parts.append(f"{key}: {', '.join(items)}{note}")
     return "; ".join(parts)
+
+
+def grid_edge(group: pd.DataFrame) -> str | None:
+    """``"upper"`` or ``"lower"`` when the chosen rate of one candidate's tuning rows is the
+    largest or smallest of a grid of two or more tuned rates (the optimum may lie outside the
+    grid), else None."""
+    tuned = group[group["status"] != "given"]
+    picks = tuned[tuned["chosen"]]["lr"]
+    if len(tuned) < 2 or picks.empty:
+        return None
+    pick = float(picks.iloc[0])
+    return "upper" if pick == tuned["lr"].max() else "lower" if pick == tuned["lr"].min() else None
