@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_close_rel
+from model_state import assert_unchanged, run, snapshot
 from torch import nn
 from zoo import CASES, MLP
 
@@ -21,7 +22,6 @@ from propulsion import (
     PropulsionError,
     adapter_state,
     get_propulsion_model,
-    is_propulsion_model,
     merge_adapter,
     propulsion_config,
     propulsion_layers,
@@ -30,28 +30,6 @@ from propulsion import (
 from propulsion.serialization import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 
 CASE = {c.id: c for c in CASES}
-
-
-def run(model: nn.Module, inputs) -> torch.Tensor:
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "modules": [(n, type(m)) for n, m in model.named_modules()],
-        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-        "state": {n: t.detach().clone() for n, t in model.state_dict().items()},
-        "wrapped": is_propulsion_model(model),
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    for key in ("modules", "flags", "wrapped"):
-        assert after[key] == before[key], key
-    assert after["state"].keys() == before["state"].keys()
-    for name, tensor in before["state"].items():
-        assert torch.equal(after["state"][name], tensor), name
 
 
 def train_adapter(model: nn.Module, seed: int) -> None:

@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 from conftest import RTOL, assert_close_rel
+from model_state import assert_unchanged, run, snapshot
 from torch import nn
 from zoo import CASES
 
@@ -35,31 +36,6 @@ from propulsion import (
 
 MERGE_RTOL = 1e-12  # float64: one extra rounding per folded entry
 CASE = {c.id: c for c in CASES}
-
-
-def run(model: nn.Module, inputs) -> torch.Tensor:
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def snapshot(model: nn.Module) -> dict:
-    """Everything a failed call must leave as it was."""
-    return {
-        "modules": [(n, type(m)) for n, m in model.named_modules()],
-        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-        "state": {n: t.detach().clone() for n, t in model.state_dict().items()},
-        "wrapped": is_propulsion_model(model),
-        "merged": {n: m.merged for n, m in propulsion_layers(model).items()},
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    for key in ("modules", "flags", "wrapped", "merged"):
-        assert after[key] == before[key], key
-    assert after["state"].keys() == before["state"].keys()
-    for name, tensor in before["state"].items():
-        same = torch.allclose(after["state"][name], tensor, rtol=0, atol=0, equal_nan=True)
-        assert same, name
 
 
 def mixed_flags(model: nn.Module) -> None:
@@ -162,7 +138,7 @@ def test_merge_and_unload_keeps_outputs_and_returns_plain_modules(case, degree, 
     assert plain is model
     assert not is_propulsion_model(model)
     assert not any(isinstance(m, PropulsionLayer) for m in model.modules())
-    assert [(n, type(m)) for n, m in model.named_modules()] == before["modules"]
+    assert [(n, type(m)) for n, m in model.named_modules(remove_duplicate=False)] == before["modules"]
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before["flags"]
     assert model.state_dict().keys() == before["state"].keys()
     assert_close_rel(run(model, x), expected, MERGE_RTOL)

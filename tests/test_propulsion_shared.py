@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 from conftest import assert_close_rel
+from model_state import assert_unchanged, run, snapshot
 from torch import nn
 from zoo import CASES
 
@@ -23,7 +24,6 @@ from propulsion import (
     TargetError,
     adapter_state,
     get_propulsion_model,
-    is_propulsion_model,
     load_adapter,
     merge_adapter,
     merge_and_unload,
@@ -35,26 +35,6 @@ from propulsion import (
 
 MERGE_RTOL = 1e-12
 CASE = {c.id: c for c in CASES}
-
-
-def snapshot(model: nn.Module) -> dict:
-    """Everything a refused call must leave as it was (every path, shared ones included)."""
-    return {
-        "modules": [(n, id(m), type(m)) for n, m in model.named_modules(remove_duplicate=False)],
-        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-        "state": {n: t.detach().clone() for n, t in model.state_dict().items()},
-        "wrapped": is_propulsion_model(model),
-        "merged": {n: m.merged for n, m in propulsion_layers(model).items()},
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    for key in ("modules", "flags", "wrapped", "merged"):
-        assert after[key] == before[key], key
-    assert after["state"].keys() == before["state"].keys()
-    for name, tensor in before["state"].items():
-        assert torch.equal(after["state"][name], tensor), name
 
 
 def perturb(model: nn.Module, seed: int) -> None:
@@ -316,27 +296,24 @@ def test_unload_after_an_optimizer_step_with_trained_biases_restores_the_base(ca
     model = case.build(0)
     x = case.inputs(4, 0)
 
-    def run(m):
-        return m(**x) if isinstance(x, dict) else m(x)
-
-    expected = run(model)
+    expected = run(model, x)
     plain = snapshot(model)
     get_propulsion_model(model, PropulsionConfig.reference(3))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    run(model).square().sum().backward()
+    run(model, x).square().sum().backward()
     optimizer.step()
     biases = [p for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
-    assert biases and not torch.equal(run(model), expected)
+    assert biases and not torch.equal(run(model, x), expected)
     if merged:
         merge_adapter(model)
     unload(model)
     if merged:  # unmerged by division: equal up to rounding, biases restored exactly
         for name, tensor in model.state_dict().items():
             assert_close_rel(tensor, plain["state"][name], 1e-14)
-        assert_close_rel(run(model), expected, MERGE_RTOL)
+        assert_close_rel(run(model, x), expected, MERGE_RTOL)
     else:
         assert_unchanged(model, plain)
-        assert torch.equal(run(model), expected)
+        assert torch.equal(run(model, x), expected)
 
 
 def test_merge_and_unload_keeps_the_trained_biases():

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.suite._training import METHOD_SPECS, run_training, summarise, train_config
+from experiments.suite._training import METHOD_SPECS, SHARED_FIELDS, run_training, summarise, train_config
+from experiments.suite._training_setup import DataSetTrainingConfig
 from experiments.suite.base import ExperimentConfig, Store
 
 __all__ = [
@@ -92,31 +93,17 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class TuningSetup(ExperimentConfig):
+class TuningSetup(DataSetTrainingConfig):
     """The training setup the rates are tuned for (what makes two tunings the same)."""
 
-    model: str = field(default="minilm", metadata={"help": "model short name"})
-    dataset: str = field(default="rotten_tomatoes", metadata={"help": "data set"})
-    steps: int = field(default=120, metadata={"help": "optimiser steps per run"})
-    batch_size: int = field(default=16, metadata={"help": "examples per step"})
-    max_length: int = field(default=32, metadata={"help": "tokens per text at most"})
-    max_examples: int | None = field(default=4000, metadata={"help": "examples kept from the data set"})
-    eval_every: int = field(default=20, metadata={"help": "validation every n steps"})
-    eval_examples: int | None = field(default=256, metadata={"help": "validation examples per evaluation"})
     seeds: tuple[int, ...] = field(default=(100,), metadata={"help": "tuning seeds (apart from evaluation)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.seeds:
-            raise ValueError("tuning needs at least one seed")
 
 
 def setup_from(
     config: ExperimentConfig, *, dataset: str | None = None, seeds: tuple[int, ...] | None = None
 ) -> TuningSetup:
     """The tuning setup of an experiment config (its shared training fields and device)."""
-    names = ("model", "steps", "batch_size", "max_length", "max_examples", "eval_every", "eval_examples")
-    values = {n: getattr(config, n) for n in names if hasattr(config, n)}
+    values = {n: getattr(config, n) for n in SHARED_FIELDS if hasattr(config, n)}
     values["dataset"] = dataset if dataset is not None else config.dataset  # type: ignore[attr-defined]
     if seeds is None:
         seeds = tuple(getattr(config, "tuning_seeds", (100,)))

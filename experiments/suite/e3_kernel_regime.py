@@ -49,7 +49,8 @@ from experiments.dynamics.tracking import KernelTracker, KernelTrackerConfig
 from experiments.figures import method_color, new_figure, save_figure, style
 from experiments.suite import _tuning
 from experiments.suite._training import run_training, seeds_to_decide, train_config
-from experiments.suite.base import ExperimentConfig, Store, Verdict, rule_text
+from experiments.suite._training_setup import TINY_SETUP, DataSetTrainingConfig
+from experiments.suite.base import Store, Verdict, rule_text
 from experiments.suite.stats import Interval, decide_interval, mean_interval
 from experiments.training.callbacks import Callback, TrainState
 
@@ -70,9 +71,7 @@ METRICS = (
 
 
 @dataclass(frozen=True)
-class Config(ExperimentConfig):
-    model: str = field(default="minilm", metadata={"help": "model short name"})
-    dataset: str = field(default="rotten_tomatoes", metadata={"help": "data set"})
+class Config(DataSetTrainingConfig):
     degrees: tuple[int, ...] = field(default=(1, 5, 15, 55), metadata={"help": "degrees k of probe_then_z"})
     treatment_degrees: tuple[int, ...] = field(
         default=(5,), metadata={"help": "degrees of the other head treatments (head_trained, z_head)"}
@@ -89,16 +88,9 @@ class Config(ExperimentConfig):
         metadata={"help": "AdamW rates tried per baseline (shared tuning with e5)"},
     )
     tuning_seeds: tuple[int, ...] = field(default=(100,), metadata={"help": "seeds of the tuning runs"})
-    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "evaluation seeds"})
     probe_steps: int = field(default=60, metadata={"help": "AdamW steps of the linear probe (probe_then_z)"})
     probe_lr: float = field(default=1e-2, metadata={"help": "learning rate of the linear probe"})
-    steps: int = field(default=120, metadata={"help": "optimiser steps per run"})
-    batch_size: int = field(default=16, metadata={"help": "examples per step"})
-    max_length: int = field(default=32, metadata={"help": "tokens per sentence at most"})
-    max_examples: int | None = field(default=4000, metadata={"help": "examples kept from the data set"})
-    eval_every: int = field(default=20, metadata={"help": "validation every n steps"})
     snapshot_every: int = field(default=50, metadata={"help": "kernel and linearisation snapshots every n"})
-    eval_examples: int | None = field(default=256, metadata={"help": "validation examples per evaluation"})
     probe_size: int = field(default=32, metadata={"help": "validation examples in the kernel probe set"})
     support_max_distance: float = field(
         default=0.1,
@@ -129,8 +121,6 @@ class Config(ExperimentConfig):
             raise ValueError(f"baselines must be among ('full', 'lora'), got {self.baselines}")
         if [b for b in self.baselines if b not in dict(self.baseline_grids)]:
             raise ValueError("baseline_grids need a grid for every baseline")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
         for k in (*self.degrees, *self.treatment_degrees):
             _tuning.grid_for(self.lr_grids, k)  # raises if a degree has no grid
         for low, high in (
@@ -149,16 +139,10 @@ PRESETS: dict[str, Config] = {
         treatment_degrees=(2,),
         baselines=(),
         lr_grids=((1, (1e-2,)),),
-        seeds=(0, 1),
         probe_steps=3,
-        steps=4,
-        batch_size=4,
-        max_length=12,
-        max_examples=60,
-        eval_every=2,
-        eval_examples=8,
         probe_size=4,
         snapshot_every=2,
+        **TINY_SETUP,
     ),
     # quick: given rates (one-rate grids: no tuning runs), two seeds: a smoke run of the design
     "quick": Config(

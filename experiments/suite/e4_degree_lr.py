@@ -33,7 +33,8 @@ import pandas as pd
 
 from experiments.figures import method_color, new_figure, save_figure, style
 from experiments.suite._training import run_training, summarise, train_config
-from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
+from experiments.suite._training_setup import TINY_SETUP, DataSetTrainingConfig
+from experiments.suite.base import Store, Verdict, make_interval_verdict
 from experiments.suite.stats import Interval, mean_interval
 from experiments.training.config import TrainConfig
 
@@ -44,19 +45,12 @@ ROLES = ("degree", "rescaled", "control")  # (k, lr), (1, k^p lr), (1, lr)
 
 
 @dataclass(frozen=True)
-class Config(ExperimentConfig):
-    model: str = field(default="minilm", metadata={"help": "model short name"})
-    dataset: str = field(default="rotten_tomatoes", metadata={"help": "data set"})
+class Config(DataSetTrainingConfig):
     degrees: tuple[int, ...] = field(default=(5, 15), metadata={"help": "degrees k compared with k = 1"})
     adam_lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the degree-k run"})
     sgd_lr: float = field(default=0.4, metadata={"help": "SGD learning rate of the degree-k run"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds (paired runs per seed)"})
     steps: int = field(default=100, metadata={"help": "optimiser steps per run"})
-    batch_size: int = field(default=16, metadata={"help": "examples per step"})
-    max_length: int = field(default=32, metadata={"help": "tokens per sentence at most"})
-    max_examples: int | None = field(default=4000, metadata={"help": "examples kept from the data set"})
-    eval_every: int = field(default=20, metadata={"help": "validation every n steps"})
-    eval_examples: int | None = field(default=256, metadata={"help": "validation examples per evaluation"})
     support_max_gap: float = field(
         default=0.02,
         metadata={
@@ -81,23 +75,12 @@ class Config(ExperimentConfig):
             raise ValueError(f"degrees must be integers >= 2 (each compared with k = 1), got {self.degrees}")
         if not (self.adam_lr > 0 and self.sgd_lr > 0):
             raise ValueError(f"learning rates must be positive, got {self.adam_lr}, {self.sgd_lr}")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
         if not 0 <= self.support_max_gap <= self.refute_min_gap:
             raise ValueError("need 0 <= support_max_gap <= refute_min_gap")
 
 
 PRESETS: dict[str, Config] = {
-    "tiny": Config(
-        degrees=(3,),
-        seeds=(0, 1),
-        steps=4,
-        batch_size=4,
-        max_length=12,
-        max_examples=60,
-        eval_every=2,
-        eval_examples=8,
-    ),
+    "tiny": Config(degrees=(3,), **TINY_SETUP),
     "quick": Config(degrees=(5,), steps=80),
     # study: 18 runs (2 optimisers x 3 roles x 3 seeds) of 80 steps; about 9 min on 2 cores (estimate)
     "study": Config(degrees=(5,), seeds=(0, 1, 2), steps=80),

@@ -39,7 +39,8 @@ from experiments.suite._training import (
     summarise,
     train_config,
 )
-from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
+from experiments.suite._training_setup import TINY_SETUP, TrainingExperimentConfig
+from experiments.suite.base import Store, Verdict, make_interval_verdict
 from experiments.suite.stats import Interval, mean_interval, paired_difference
 
 NAME = "e5_accuracy_cost"
@@ -63,8 +64,7 @@ PROPULSION = ("propulsion", "propulsion_reference", "propulsion_frozen_head")
 
 
 @dataclass(frozen=True)
-class Config(ExperimentConfig):
-    model: str = field(default="minilm", metadata={"help": "model short name"})
+class Config(TrainingExperimentConfig):
     datasets: tuple[str, ...] = field(default=("rotten_tomatoes",), metadata={"help": "data sets"})
     other_dataset_methods: tuple[str, ...] = field(
         default=("full", "propulsion"),
@@ -83,12 +83,7 @@ class Config(ExperimentConfig):
         },
     )
     tuning_seeds: tuple[int, ...] = field(default=(100,), metadata={"help": "seeds of the tuning runs"})
-    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "evaluation seeds (paired)"})
-    steps: int = field(default=120, metadata={"help": "optimiser steps per run (equal budgets)"})
-    batch_size: int = field(default=16, metadata={"help": "examples per step"})
-    max_length: int = field(default=32, metadata={"help": "tokens per text at most"})
     max_examples: int | None = field(default=4000, metadata={"help": "examples kept per data set"})
-    eval_every: int = field(default=20, metadata={"help": "validation every n steps"})
     eval_examples: int | None = field(default=256, metadata={"help": "validation examples per evaluation"})
     isolate_runs: bool = field(
         default=True,
@@ -133,8 +128,8 @@ class Config(ExperimentConfig):
         missing = [m for m in self.methods if m not in grids]
         if missing or any(not g or any(not r > 0 for r in g) for g in grids.values()):
             raise ValueError(f"lr_grids need positive rates for every method; missing {missing}")
-        if not self.seeds or not self.datasets:
-            raise ValueError("seeds and datasets must not be empty")
+        if not self.datasets:
+            raise ValueError("datasets must not be empty")
         if not 0 < self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
         if not self.accuracy_margin > 0:
@@ -145,13 +140,7 @@ PRESETS: dict[str, Config] = {
     "tiny": Config(
         methods=("full", "lora", "propulsion"),
         lr_grids=(("full", (1e-4,)), ("lora", (1e-3,)), ("propulsion", (1e-3, 1e-2))),
-        seeds=(0, 1),
-        steps=4,
-        batch_size=4,
-        max_length=12,
-        max_examples=60,
-        eval_every=2,
-        eval_examples=8,
+        **TINY_SETUP,
         target_accuracy=0.5,
         isolate_runs=False,
     ),

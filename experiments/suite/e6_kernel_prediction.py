@@ -38,7 +38,8 @@ from experiments.data.encoding import EncodedSplit, EncodedSplits
 from experiments.figures import method_color, new_figure, save_figure, style
 from experiments.suite import _tuning
 from experiments.suite._training import METHOD_SPECS, run_training, seeds_to_decide, summarise, train_config
-from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
+from experiments.suite._training_setup import TrainingExperimentConfig
+from experiments.suite.base import Store, Verdict, make_interval_verdict
 from experiments.suite.stats import Interval, mean_interval
 from experiments.training.config import TrainConfig
 
@@ -57,8 +58,7 @@ SGD_GRIDS = (
 
 
 @dataclass(frozen=True)
-class Config(ExperimentConfig):
-    model: str = field(default="minilm", metadata={"help": "model short name"})
+class Config(TrainingExperimentConfig):
     dataset: str = field(default="rotten_tomatoes", metadata={"help": "data set"})
     methods: tuple[str, ...] = field(
         default=("full", "propulsion"), metadata={"help": "keys of METHOD_SPECS"}
@@ -81,11 +81,8 @@ class Config(ExperimentConfig):
     n_validation: int = field(
         default=128, metadata={"help": "validation examples (rate and checkpoint choice)"}
     )
-    max_length: int = field(default=32, metadata={"help": "tokens per text at most"})
     ridge: float = field(default=1e-3, metadata={"help": "kernel ridge, relative to the mean diagonal"})
     steps: int = field(default=100, metadata={"help": "fine-tuning steps on the few-shot set"})
-    batch_size: int = field(default=16, metadata={"help": "fine-tuning batch size"})
-    eval_every: int = field(default=20, metadata={"help": "validation every n steps"})
     max_jacobian_bytes: int = field(default=2**30, metadata={"help": "memory cap of the sign-GD Jacobians"})
     support_max_gap: float = field(
         default=0.03,
@@ -114,8 +111,8 @@ class Config(ExperimentConfig):
                 f"optimizer must be 'sgd' or 'adamw' and kernel one of {KERNELS}, got "
                 f"{self.optimizer!r}, {self.kernel!r}"
             )
-        if min(self.shots, self.n_test, self.n_validation) < 1 or self.ridge < 0 or not self.seeds:
-            raise ValueError("shots, n_test and n_validation must be >= 1, ridge >= 0 and seeds non-empty")
+        if min(self.shots, self.n_test, self.n_validation) < 1 or self.ridge < 0:
+            raise ValueError("shots, n_test and n_validation must be >= 1 and ridge >= 0")
         if self.tuning_seed in self.seeds:
             raise ValueError(
                 f"tuning_seed {self.tuning_seed} must differ from the evaluation seeds {self.seeds}"

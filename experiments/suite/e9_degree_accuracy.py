@@ -26,7 +26,8 @@ import pandas as pd
 from experiments.figures import method_color, new_figure, save_figure, style
 from experiments.suite import _tuning
 from experiments.suite._training import run_training, seeds_to_decide, summarise, train_config
-from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
+from experiments.suite._training_setup import TINY_SETUP, DataSetTrainingConfig
+from experiments.suite.base import Store, Verdict, make_interval_verdict
 from experiments.suite.stats import mean_interval, paired_difference
 
 NAME = "e9_degree_accuracy"
@@ -35,9 +36,7 @@ CLAIMS = ("higher_degree_helps",)
 
 
 @dataclass(frozen=True)
-class Config(ExperimentConfig):
-    model: str = field(default="minilm", metadata={"help": "model short name"})
-    dataset: str = field(default="rotten_tomatoes", metadata={"help": "data set"})
+class Config(DataSetTrainingConfig):
     degrees: tuple[int, ...] = field(default=(1, 5, 15, 25, 55), metadata={"help": "degrees k"})
     paper_degree: int = field(
         default=25, metadata={"help": "the degree the paper finds best (compared with k=1)"}
@@ -47,13 +46,6 @@ class Config(ExperimentConfig):
         metadata={"help": "AdamW rates tried per degree, (from degree, rates) pairs; chosen on validation"},
     )
     tuning_seeds: tuple[int, ...] = field(default=(100,), metadata={"help": "seeds of the tuning runs"})
-    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "evaluation seeds"})
-    steps: int = field(default=120, metadata={"help": "optimiser steps per run"})
-    batch_size: int = field(default=16, metadata={"help": "examples per step"})
-    max_length: int = field(default=32, metadata={"help": "tokens per text at most"})
-    max_examples: int | None = field(default=4000, metadata={"help": "examples kept from the data set"})
-    eval_every: int = field(default=20, metadata={"help": "validation every n steps"})
-    eval_examples: int | None = field(default=256, metadata={"help": "validation examples per evaluation"})
     min_gain: float = field(
         default=0.01,
         metadata={
@@ -70,8 +62,6 @@ class Config(ExperimentConfig):
                 f"degrees must be integers >= 1 including 1 and paper_degree={self.paper_degree}, "
                 f"got {self.degrees}"
             )
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
         for k in self.degrees:
             _tuning.grid_for(self.lr_grids, k)  # raises if a degree has no grid
 
@@ -81,13 +71,7 @@ PRESETS: dict[str, Config] = {
         degrees=(1, 3),
         paper_degree=3,
         lr_grids=((1, (1e-3, 1e-2)),),
-        seeds=(0, 1),
-        steps=4,
-        batch_size=4,
-        max_length=12,
-        max_examples=60,
-        eval_every=2,
-        eval_examples=8,
+        **TINY_SETUP,
     ),
     # quick: given rates (one-rate grids, no tuning runs), two seeds: a smoke run of the design
     "quick": Config(
