@@ -21,11 +21,11 @@ PINNED = {
     ("e2_premise", "quick"): "65e77c57d9de5eb6f69e5110814001cc81d4e47582120938d733cdd75a444be7",
     ("e2_premise", "study"): "5e802c1d62a41ef95e9b221fd4c8a91e72d6407696f94d120c35a0c0ebfb8102",
     ("e3_kernel_regime", "quick"): "436fc20298ddf1f5a569905b0f649b5ec39aad4f23037f2df974960e2d87f3e2",
-    ("e3_kernel_regime", "study"): "70b7f877fcd5ab7726e1db45f3f532b41403a0db090ddb9aaef89f90250661c3",
+    ("e3_kernel_regime", "study"): "cb7a4d8f41dffe9e554550d131e2a0644ca85c10ee68ed4d2a4c4c17fc8b0ac6",
     ("e4_degree_lr", "quick"): "c97ad7a83e6c2b5aa0dfa6d9d18e328402e47c35fca17cecd1178590389479f5",
     ("e4_degree_lr", "study"): "fa6837285e8d584c60b9fc41625f6ee3413574f1f3ba85303434c6b1e4da88f4",
     ("e5_accuracy_cost", "quick"): "06d4ce10b8787bb099370c5a533cdfca47a010b1944060145581f03ad454a0a6",
-    ("e5_accuracy_cost", "study"): "61d5d9fc957bbb61fede6fdb91f73982701cc7bf486f0d273e175881dce99575",
+    ("e5_accuracy_cost", "study"): "cac56f45b120c57cd56a369ea4a6ed622b10b4d8ec1f82a83eff7dfe28f7c686",
     ("e6_kernel_prediction", "quick"): "ed8d4c82851d866bfc7b6b69a6024aa8d648e840368113741b98eb6e552f9c2b",
     ("e6_kernel_prediction", "study"): "7448e313161cfc0924d2ca6246a3f3da840fcad9f78e181e7b8327478144723e",
     ("e7_parameter_counts", "quick"): "c152a21826ec2f38719fd74d36aeafbfc3b4d31f8625999a691bed1d1d78988b",
@@ -33,7 +33,7 @@ PINNED = {
     ("e8_memory", "quick"): "997eedf20f75cc71ddcfaefdcaa3bec1bee43572331e31533d5a1d096838e6e6",
     ("e8_memory", "study"): "f4ce0b9b0a47e6b78107b6ba502a0dc28336c61cb535fefac407f63a55dce965",
     ("e9_degree_accuracy", "quick"): "a1b2728d334a62f650b28312fe35d430264d3368a32a93563b3606f6a126e14c",
-    ("e9_degree_accuracy", "study"): "ebbc8d3a20ff0fe06ddaf181ba5624c6f9a97d4a8b997424d337caa3baa88be1",
+    ("e9_degree_accuracy", "study"): "e2bb88cf4ac4b0c1b5b2db9d49edf0cfd14b7f22d3e94f1fb1404f9852f077d8",
 }
 
 # The learning-rate tunings the study presets share (e3, e5 and e9 on Rotten Tomatoes; e5 on IMDB).
