@@ -94,10 +94,30 @@ NOTES = """## Notes (issue 14 engine work; 1 thread, CPU seconds, machine under 
   s at this machine's one-thread rate, so the 300 s target would need the engine within 1.2x of
   its floor; the earlier measured 627 s (2.5x) is where it stands, extrapolating N=256 by N^2
   gives ~790 s under this load.
-- Left: fusing q, k, v (one input Gram for ghost: ~13% of ghost's products on this shape;
-  nothing for materialise), skipping the probe's extra forwards (two small forwards and a
-  4-example capture per call) when the model was checked before, a symmetric-rank-k product
-  for the per-example Gram (torch has none: blocks give 1.13x instead of 2x).
+- Left: a symmetric-rank-k product for the per-example Gram (torch has none: blocks give
+  1.13x instead of 2x). Done since: q, k, v fused into one ghost product when the cost rule
+  says it pays (:mod:`ntk._handlers.shared_input`), the probe cached per model.
+- Cost rule re-checked (ghost against materialise per Linear weight block, ``linear_costs``;
+  process CPU time inside each path, float32 products, 1 thread, load 4-5 on 2 cores, min of
+  3 runs). Encoder full kernel, per layer: 128->128 ghost 12.3 ms, materialise 6.8-7.9 ms
+  (rule: 419 M against 292 M units); q, k, v fused by ghost 21.8 ms against 20-24 ms apart by
+  materialise (956 M against 876 M); ff1 ghost 17.7, materialise 14.5 ms (688 M, 584 M); ff2
+  ghost 13.9, materialise 13.5 ms (487 M, 584 M: ghost, a tie). All Linear weights: auto
+  0.112-0.121 s, ghost forced 0.132-0.135 s, materialise forced 0.119-0.186 s; whole
+  contraction, 8 interleaved calls, medians: auto 0.195 s, ghost forced 0.196 s (float32),
+  0.189 / 0.196 s (default), so an earlier reading of ghost 0.143 s against auto 0.21 s is not
+  reproduced. Tiny BERT (d 128, 2 layers, ff 512, N 64, padded to 24, ragged): full auto
+  0.106-0.137 s, ghost 0.160 s, materialise 0.227 s; trace 0.052 / 0.053 / 0.141 s. MiniLM
+  N=32: auto takes ghost for every multi-token layer (the rule's estimates are 3-7x apart):
+  full 0.59-0.66 s against 2.6-3.2 s materialised, trace 0.27-0.37 s against 2.0-2.4 s. The
+  MLP (one token per example) takes the one-token product for every layer, no decision. Fit
+  at this run's 41.4 G multiply-adds per CPU second: materialise's per-example product costs
+  2.3-3.7 units per multiply-add (PER_EXAMPLE 2.7 kept); ghost's elementwise work per
+  multiplied Gram entry 50-90 units on a dense token grid in the full layout, 130-400 on
+  ragged rows (index additions), 0-90 for the trace, above GHOST_ENTRY = 40, but 80 would flip
+  no encoder full-kernel choice (ff2: 571 M against 584 M) while sending the tiny BERT's
+  128->512 full block to materialise (measured 42 ms against ghost's 37-41 ms) and the
+  encoder trace's o to materialise (a tie): constants kept.
 """
 """Analysis notes appended to the markdown (from the profiles of this issue's work)."""
 
