@@ -94,10 +94,43 @@ NOTES = """## Notes (issue 14 engine work; 1 thread, CPU seconds, machine under 
   s at this machine's one-thread rate, so the 300 s target would need the engine within 1.2x of
   its floor; the earlier measured 627 s (2.5x) is where it stands, extrapolating N=256 by N^2
   gives ~790 s under this load.
-- Left: fusing q, k, v (one input Gram for ghost: ~13% of ghost's products on this shape;
-  nothing for materialise), skipping the probe's extra forwards (two small forwards and a
-  4-example capture per call) when the model was checked before, a symmetric-rank-k product
-  for the per-example Gram (torch has none: blocks give 1.13x instead of 2x).
+- This table (2026-12-01, an Intel Xeon with 2 cores, load 3.5-4.7; the runs above were on an
+  AMD EPYC under load 5-17, so their ratios do not compare one to one) is the second of two
+  runs of this branch (q, k, v fusion, probe cache, self-check independent of C, no capture
+  for the check at C <= 2); main before the last change ran in between on the same machine.
+  CPU ratios with the self-check, float32 / default [without it]: encoder full: main 1.59x /
+  1.61x [1.77x / 1.79x], this branch 1.52x / 1.67x [1.60x / 1.78x] and 1.65x / 1.75x [1.75x /
+  1.84x]; encoder trace: main 2.20x / 2.15x, branch 2.09x / 2.64x and 2.12x / 2.48x; MLP full:
+  main 1.82x / 1.68x, branch 1.55x / 1.57x and 1.96x / 1.61x; MLP trace: main 1.22x / 1.22x,
+  branch 1.24x / 1.21x and 1.23x / 1.18x. The spread between runs (about 10 %) is larger than
+  the change: the encoder's self-check (C = 2) takes 0.013-0.018 s instead of 0.028 s of a
+  0.25-0.31 s kernel. The encoder's full kernel stays under the 2x target on this machine
+  (neural-tangents 0.45 s CPU, the engine 0.25-0.29 s without its check), and so does the
+  MLP's trace (1.2x; the engine 0.09 s without its check against a Gram floor of 0.014 s).
+- Left: a symmetric-rank-k product for the per-example Gram (torch has none: blocks give
+  1.13x instead of 2x). Done since: q, k, v fused into one ghost product when the cost rule
+  says it pays (:mod:`ntk._handlers.shared_input`), the probe cached per model.
+- Cost rule re-checked (ghost against materialise per Linear weight block, ``linear_costs``;
+  process CPU time inside each path, float32 products, 1 thread, load 4-5 on 2 cores, min of
+  3 runs). Encoder full kernel, per layer: 128->128 ghost 12.3 ms, materialise 6.8-7.9 ms
+  (rule: 419 M against 292 M units); q, k, v fused by ghost 21.8 ms against 20-24 ms apart by
+  materialise (956 M against 876 M); ff1 ghost 17.7, materialise 14.5 ms (688 M, 584 M); ff2
+  ghost 13.9, materialise 13.5 ms (487 M, 584 M: ghost, a tie). All Linear weights: auto
+  0.112-0.121 s, ghost forced 0.132-0.135 s, materialise forced 0.119-0.186 s; whole
+  contraction, 8 interleaved calls, medians: auto 0.195 s, ghost forced 0.196 s (float32),
+  0.189 / 0.196 s (default), so an earlier reading of ghost 0.143 s against auto 0.21 s is not
+  reproduced. Tiny BERT (d 128, 2 layers, ff 512, N 64, padded to 24, ragged): full auto
+  0.106-0.137 s, ghost 0.160 s, materialise 0.227 s; trace 0.052 / 0.053 / 0.141 s. MiniLM
+  N=32: auto takes ghost for every multi-token layer (the rule's estimates are 3-7x apart):
+  full 0.59-0.66 s against 2.6-3.2 s materialised, trace 0.27-0.37 s against 2.0-2.4 s. The
+  MLP (one token per example) takes the one-token product for every layer, no decision. Fit:
+  measured time per unit of the rule's estimate, per path and layer, is 19-33 ps for ghost and
+  for materialise alike on the encoder (full and trace) and MiniLM, 19-45 ps on the tiny BERT
+  (its ghost 512->128 full block the outlier, 40-45 ps against materialise's 31 ps, and
+  still the faster path there); the rule's two paths are on one scale within the load noise
+  (repeats differ by 10-30 %), the one mis-ranked encoder block (ff2, full: ghost 28.5 ps,
+  materialise 23 ps per unit) is a 3 % tie, and no constant change moves a choice to a
+  measurably faster path: GHOST_ENTRY = 40 and PER_EXAMPLE = 2.7 kept.
 """
 """Analysis notes appended to the markdown (from the profiles of this issue's work)."""
 

@@ -724,7 +724,7 @@ def structured_kernels(
             rows = sorted({0, n1 - 1})
             cols = rows if symmetric else sorted({0, n2 - 1})
             check_kernels(model, inputs[1], inputs.get(2), rows, cols, sets, results,
-                          full_blocks(rows, cols), layout, sum_logits, fn)
+                          lambda: full_blocks(rows, cols), n_out, layout, sum_logits, fn)
         t_verify, u_verify = clock() - t_verify, cpu() - u_verify
         timings = Timings(tile=tile, tile_pairs=len(pairs),
                           captures=captures[0] - captures_before, keep_all=keep_all,

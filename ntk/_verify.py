@@ -19,8 +19,11 @@ nearly cancels in ``J_p^T u_r`` cannot make the tolerance smaller than the round
 a wrong engine cannot widen it.
 
 Why random projections find every error: let ``E = K_engine(p, q) - K(p, q) != 0``. With
-``C <= R`` (:data:`PROJECTIONS`), ``U`` is the identity and the test is the entrywise one (C
-backward passes per example, as many as R). Otherwise ``U`` has independent standard Gaussian
+``C <= R`` (:data:`PROJECTIONS`), ``U`` is the identity: the dots ``h_r(p) . h_s(q)`` are the
+exact full blocks ``K(p, q)`` (C backward passes per example, as many as R), so the engine's
+own full blocks are not formed (no capture of the checked examples) and (B) compares the
+returned entries with the exact blocks directly, bounds from autograd's norms: the entrywise
+test, which (A) then adds nothing to. Otherwise ``U`` has independent standard Gaussian
 entries, and ``u^T E u'`` with ``u, u'`` two of its columns is a polynomial in them that is
 not identically zero, so it vanishes with probability 0 (its zero set has Lebesgue measure
 0); the pair ``(u_r, u_r)`` alone would miss an antisymmetric E, which is why all pairs ``(r,
@@ -52,7 +55,7 @@ Anything a handler does not describe fails: a weight also read outside its modul
 computing something else, an in-place change the engine missed, an argument sliced that was
 not batched, a tile-size dependence. Cost: one forward of the checked examples, R backward
 passes per checked example (R = min(C, 2), independent of C) and the dots of their gradients,
-plus one capture of the checked examples and their full blocks.
+plus, when C > R, one capture of the checked examples and their full blocks.
 """
 
 from __future__ import annotations
@@ -175,25 +178,34 @@ def _rms(dots: Mapping[str, torch.Tensor], group: list[str]) -> torch.Tensor:
     return sq.view(p, r).mean(-1).clamp_min(0).sqrt()
 
 
+def _sum(dots: Mapping[str, torch.Tensor], group: list[str]) -> torch.Tensor:
+    """(P, R, P, R): the dots of the gradients over the parameters ``group``."""
+    return torch.stack([dots[n] for n in group]).sum(0)
+
+
 def _norms(k: torch.Tensor) -> torch.Tensor:
     """(P, C): ``|J_pc|`` from the diagonal of full blocks (P, P, C, C)."""
     return k.diagonal(0, 0, 1).diagonal(0, 0, 1).clamp_min(0).sqrt()
 
 
 def verify(model: nn.Module, x1: Inputs, x2: Inputs | None, rows: list[int], cols: list[int],
-           sets: Mapping[str, list[str]], results: Blocks, full: Blocks, layout: str,
-           sum_logits: bool, fn: Callable[[Any], torch.Tensor]) -> None:
+           sets: Mapping[str, list[str]], results: Blocks, full: Callable[[], Blocks], c: int,
+           layout: str, sum_logits: bool, fn: Callable[[Any], torch.Tensor]) -> None:
     """Check ``results`` (set -> {"total" or parameter name -> block (n1, n2, ...)}) at the
-    examples ``rows`` of x1 and ``cols`` of x2 (with x2 None, ``cols`` are ``rows`` of x1),
-    given the engine's ``full`` blocks (P, P, C, C), same keys, at the P checked points
-    (``rows`` of x1, then ``cols`` of x2 when x2 is given).
+    examples ``rows`` of x1 and ``cols`` of x2 (with x2 None, ``cols`` are ``rows`` of x1) of a
+    model with ``c`` outputs. ``full()`` gives the engine's full blocks (P, P, C, C), same keys,
+    at the P checked points (``rows`` of x1, then ``cols`` of x2 when x2 is given); it is
+    called only when ``U`` is not the identity (C > :data:`PROJECTIONS`): otherwise the
+    gradients are those of every output, their dots are the exact full blocks, and (B) compares
+    the returned entries with them directly ((A) would compare them with themselves).
 
     Raises:
         VerificationError: an entry is off by more than :data:`RTOL` of its bound; the message
             names the parameter set (and the parameter with ``per_layer``) and the error.
     """
     names = list(dict.fromkeys(n for ns in sets.values() for n in ns))
-    u = projections(next(iter(next(iter(full.values())).values())).shape[-1])
+    u = projections(c)
+    exact = c <= PROJECTIONS
     g = _gradients(model, x1, rows, names, fn, sum_logits, u)
     points = [f"x1[{a}]" for a in rows]
     if x2 is not None:
@@ -204,25 +216,31 @@ def verify(model: nn.Module, x1: Inputs, x2: Inputs | None, rows: list[int], col
     dots = {k: _dots(g[k]) for k in names}  # (P, R, P, R)
     del g
     second = [points.index(f"x{1 if x2 is None else 2}[{b}]") for b in cols]
+    engine = None if exact else full()
+    against = "whole gradients" if exact else "its full blocks"
     worst: tuple[float, str] = (0.0, "")
     for s, blocks in results.items():
+        if engine is None:  # the exact full blocks from autograd, (P, R, P, R) -> (P, P, C, C)
+            fulls = {key: _sum(dots, sets[s] if key == "total" else [key]).permute(0, 2, 1, 3)
+                     for key in blocks}
+        else:
+            fulls = {key: engine[s][key].double().cpu() for key in blocks}
         rho_set = _rms(dots, sets[s])
-        k_set = torch.stack([k.double().cpu() for k in full[s].values()]).sum(0)
+        k_set = torch.stack(list(fulls.values())).sum(0)
         n_set = _norms(k_set)
         for key, block in blocks.items():
             group = sets[s] if key == "total" else [key]
             label = _label(s, key)
-            # (A) projected full blocks against autograd's projected gradients
-            k = full[s][key].double().cpu()
-            got = torch.einsum("pqcd,cr,ds->prqs", k, u, u)
-            want = torch.stack([dots[n] for n in group]).sum(0)
-            rho = _rms(dots, group)
-            bound = rho[:, None] * rho[None, :] + FLOOR * rho_set[:, None] * rho_set[None, :]
-            ratio = (got - want).abs() / (bound[:, None, :, None] + 1e-300)
-            p, _, q, _ = torch.unravel_index(ratio.argmax(), ratio.shape)
-            if float(ratio.max()) > worst[0]:
-                worst = (float(ratio.max()), f"{label} at ({points[p]}, {points[q]}), "
-                         "projected on the outputs")
+            k = fulls[key]
+            if engine is not None:  # (A) projected full blocks against autograd's projections
+                got = torch.einsum("pqcd,cr,ds->prqs", k, u, u)
+                rho = _rms(dots, group)
+                bound = rho[:, None] * rho[None, :] + FLOOR * rho_set[:, None] * rho_set[None, :]
+                ratio = (got - _sum(dots, group)).abs() / (bound[:, None, :, None] + 1e-300)
+                p, _, q, _ = torch.unravel_index(ratio.argmax(), ratio.shape)
+                if float(ratio.max()) > worst[0]:
+                    worst = (float(ratio.max()), f"{label} at ({points[p]}, {points[q]}), "
+                             "projected on the outputs")
             # (B) the returned entries against the full blocks reduced to the layout
             norms = _norms(k)
             for i, a in enumerate(rows):
@@ -234,7 +252,7 @@ def verify(model: nn.Module, x1: Inputs, x2: Inputs | None, rows: list[int], col
                     err = (block[a, b].double().cpu() - want_ab).abs()
                     e = float((err / (bound_ab + FLOOR * scale + 1e-300)).max())
                     if e > worst[0]:
-                        worst = (e, f"{label} at examples ({a}, {b}), against its full blocks")
+                        worst = (e, f"{label} at examples ({a}, {b}), against {against}")
     if worst[0] > rtol:
         raise VerificationError(
             f"the structured engine's kernel disagrees with whole per-example gradients "

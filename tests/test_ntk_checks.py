@@ -151,14 +151,16 @@ def _patch_blocks(monkeypatch, change):
 def test_self_check_passes_right_kernels_and_refuses_scaled_blocks(monkeypatch, c, output, two):
     """A block scaled by 1.001 everywhere (check (A): projections against autograd) or only in
     tiles of more than two examples, as a tile-size dependence would (check (B): the returned
-    entries against the full blocks of the checked examples) is refused at every C."""
+    entries against the full blocks of the checked examples) is refused at every C; at C <= 2
+    both by (B) against the exact blocks of whole gradients."""
     model, x, x2 = _c_outputs(c)
     x2 = x2 if two else None
     got = ntk.structured_ntk(model, x, x2, params="all", output=output)
     want = ntk.reference_ntk(model, x, x2, params="all", output=output)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-10
-    for when, words in ((lambda b: True, "projected on the outputs"),
-                        (lambda b: b.shape[0] > 2, "against its full blocks")):
+    exact = "against whole gradients"
+    for when, words in ((lambda b: True, exact if c <= 2 else "projected on the outputs"),
+                        (lambda b: b.shape[0] > 2, exact if c <= 2 else "against its full blocks")):
         with monkeypatch.context() as m:
             _patch_blocks(m, lambda b, layout, when=when: 1.001 * b if when(b) else b)
             with pytest.raises(StructuredError, match=f"disagrees with whole per-example.*{words}"):
@@ -175,6 +177,30 @@ def test_self_check_refuses_an_antisymmetric_error_of_the_output_blocks(monkeypa
     _patch_blocks(monkeypatch, lambda b, layout: b + skew if layout == "full" else b)
     with pytest.raises(StructuredError, match="projected on the outputs"):
         ntk.structured_ntk(model, x, params="all")
+
+
+def test_self_check_captures_the_checked_examples_only_when_it_projects(monkeypatch):
+    """At C <= 2 the whole gradients give the exact full blocks: no capture of the checked
+    examples on top of the kernel's; at C > 2 one (x2 None)."""
+    import ntk._structured as structured
+
+    count = [0]
+    real = structured.capture
+
+    def capture(*args, **kw):
+        count[0] += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(structured, "capture", capture)
+    for c, extra in ((1, 0), (2, 0), (10, 1)):
+        model, x, _ = _c_outputs(c)
+        seen = []
+        for verify in (False, True, False):
+            count[0] = 0
+            structured.structured_kernels(model, x, None, {"k": "all"}, output="trace",
+                                          verify=verify)
+            seen.append(count[0])
+        assert seen[1:] == [seen[2] + extra, seen[2]], (c, seen)
 
 
 def test_self_check_takes_two_projections_whatever_c(monkeypatch):

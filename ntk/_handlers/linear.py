@@ -25,7 +25,8 @@ from ntk._problem import transpose_block
 __all__ = ["GHOST", "GHOST_ENTRY", "PER_EXAMPLE", "WRITE", "LinearHandler", "linear_costs"]
 
 # Cost rule constants, fitted to measured times (1 CPU thread, float32, MKL, under load; MiniLM's
-# layer shapes, T = 8..32, and a pre-LN encoder, d = 128, T = 16). Units are multiply-adds of a
+# layer shapes, T = 8..32, a pre-LN encoder, d = 128, T = 16, re-checked with a tiny BERT, d = 128,
+# ragged T <= 24: benchmarks/results/ntk_vs_neural_tangents.md, notes). Units are multiply-adds of a
 # large matrix product (about 70 GFlop/s here). Ghost: its two Gram matrices at that rate, plus
 # GHOST_ENTRY units per entry of the multiplied Gram (elementwise product and token sums, limited
 # by memory traffic). Materialise: the per-example gradients by a batched product with inner
