@@ -21,7 +21,7 @@ PINNED = {
     ("e2_premise", "quick"): "65e77c57d9de5eb6f69e5110814001cc81d4e47582120938d733cdd75a444be7",
     ("e2_premise", "study"): "5e802c1d62a41ef95e9b221fd4c8a91e72d6407696f94d120c35a0c0ebfb8102",
     ("e3_kernel_regime", "quick"): "436fc20298ddf1f5a569905b0f649b5ec39aad4f23037f2df974960e2d87f3e2",
-    ("e3_kernel_regime", "study"): "cb7a4d8f41dffe9e554550d131e2a0644ca85c10ee68ed4d2a4c4c17fc8b0ac6",
+    ("e3_kernel_regime", "study"): "ff8a0e95ff152b3d2fe266e8172b8a203d29772071c65bd33149bea684dc4b09",
     ("e4_degree_lr", "quick"): "c97ad7a83e6c2b5aa0dfa6d9d18e328402e47c35fca17cecd1178590389479f5",
     ("e4_degree_lr", "study"): "fa6837285e8d584c60b9fc41625f6ee3413574f1f3ba85303434c6b1e4da88f4",
     ("e5_accuracy_cost", "quick"): "06d4ce10b8787bb099370c5a533cdfca47a010b1944060145581f03ad454a0a6",
@@ -33,7 +33,7 @@ PINNED = {
     ("e8_memory", "quick"): "997eedf20f75cc71ddcfaefdcaa3bec1bee43572331e31533d5a1d096838e6e6",
     ("e8_memory", "study"): "f4ce0b9b0a47e6b78107b6ba502a0dc28336c61cb535fefac407f63a55dce965",
     ("e9_degree_accuracy", "quick"): "a1b2728d334a62f650b28312fe35d430264d3368a32a93563b3606f6a126e14c",
-    ("e9_degree_accuracy", "study"): "e2bb88cf4ac4b0c1b5b2db9d49edf0cfd14b7f22d3e94f1fb1404f9852f077d8",
+    ("e9_degree_accuracy", "study"): "dc5940196c42d5f23e196e6847d1075c619d790479856ef6ae30e8e27275ee13",
 }
 
 # The learning-rate tunings the study presets share (e3, e5 and e9 on Rotten Tomatoes; e5 on IMDB).

@@ -44,11 +44,12 @@ __all__ = [
 
 TUNING_DIR = "lr_tuning"
 # AdamW rates tried for Propulsion, per degree from the listed one up: under Adam z moves about lr
-# per step whatever k is, so z**k moves about k lr and high degrees need smaller rates. Four rates
-# each: with three, the first study chose k = 1's largest and k = 55's smallest (the effective
-# rate k lr that validation prefers, ~0.015-0.025, lies beyond both ends).
+# per step whatever k is, so z**k moves about k lr and high degrees need smaller rates. Four or
+# five rates: with three, the first study chose k = 1's largest and k = 55's smallest rate, and
+# with 3e-2 added k = 1 still chose its largest, so k = 1 goes on to 1e-1.
 DEGREE_GRIDS: tuple[tuple[int, tuple[float, ...]], ...] = (
-    (1, (1e-3, 3e-3, 1e-2, 3e-2)),
+    (1, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
+    (2, (1e-3, 3e-3, 1e-2, 3e-2)),
     (15, (1e-4, 3e-4, 1e-3, 3e-3)),
 )
 
