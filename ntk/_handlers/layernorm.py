@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ntk._handlers.base import VectorHandler, _arg, _grads, _tokens
 
@@ -31,10 +32,8 @@ class LayerNormHandler(VectorHandler):
         for c in own:
             x = _arg(c, "input").flatten(-dims) if dims > 1 else _arg(c, "input")
             xs.append(_tokens(x, n, d, "input", module, c.mode).to(dtype))
-        x = torch.cat(xs, dim=1)
-        mean = x.mean(-1, keepdim=True)
-        var = x.var(-1, unbiased=False, keepdim=True)
-        xhat = (x - mean) / torch.sqrt(var + module.eps)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
+        xhat = F.layer_norm(x, (d,), eps=module.eps)  # no affine parameters: (x - mean) / std
         g = _grads(own, n, d, dtype, module)
         feats = {}
         if "weight" in names:

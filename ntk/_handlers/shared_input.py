@@ -9,10 +9,12 @@ When only their summed block is needed (no ``per_layer``, the same parameter set
 the block of one Linear layer whose back-signal is the concatenation of theirs along the output
 features (the weights stacked as ``[W_1; ...; W_L]``), and likewise for the biases. Ghost then
 forms the Gram of inputs and the elementwise product with the token sums once instead of L
-times; materialise gains nothing (it is no faster on the stacked weight), so with ``auto`` a
-group takes ghost when its cost (:func:`~ntk._handlers.linear.linear_costs`, ``d_out = sum_l
-d_out_l``) is at most that of its members apart by their cheaper strategies, and otherwise
-each member is computed apart. :class:`LinearHandler` computes every block.
+times; materialise does the same work on the stacked weight as on its members apart, in one
+batched product and one Gram matrix instead of one per member (and on the group's back-signals
+as they are, not on column slices of them). With ``auto`` a group takes ghost when its cost
+(:func:`~ntk._handlers.linear.linear_costs`, ``d_out = sum_l d_out_l``) is at most that of its
+members apart by their cheaper strategies, materialise when every member would take it, and
+otherwise each member is computed apart. :class:`LinearHandler` computes every block.
 
 Which layers share an input is found per tile (:meth:`SharedInputHandler.prepare`): the same
 input tensors in every call (the same entries in memory), the same broadcast mode, and about
@@ -33,7 +35,13 @@ import torch
 from torch import nn
 
 from ntk._handlers.base import Calls, Handler, _arg, _grads, _tokens
-from ntk._handlers.linear import LinearHandler, _LinearFeatures, _pack, linear_costs
+from ntk._handlers.linear import (
+    LinearHandler,
+    _LinearFeatures,
+    _pack,
+    linear_costs,
+    live_tokens,
+)
 
 __all__ = ["SharedInputHandler"]
 
@@ -81,7 +89,7 @@ class SharedInputHandler(Handler):
                 found.append(_Member(
                     i, tuple((_where(_arg(c, "input")), c.mode) for c in own),
                     [_tokens(_arg(c, "input"), n, m.in_features, "input", m, c.mode).to(dtype)
-                     for c in own], g, (g != 0).any(-1).any(0)))
+                     for c in own], g, live_tokens(g)))
         if not found:
             return None
         groups, columns = [], {}
@@ -105,12 +113,12 @@ class SharedInputHandler(Handler):
         if [m for m, _ in f1.groups] == [m for m, _ in f2.groups]:
             for (members, p1), (_, p2) in zip(f1.groups, f2.groups, strict=True):
                 widths = [f1.columns[i][1].stop - f1.columns[i][1].start for i in members]
-                if len(members) == 1 or strategy == "ghost":
-                    pairs.append((p1, p2, strategy))
-                elif strategy == "auto" and _ghost_pays(p1, p2, widths, layout, same):
-                    pairs.append((p1, p2, "ghost"))
-                else:  # materialise gains nothing from a group
+                how = strategy if strategy != "auto" or len(members) == 1 else _group_strategy(
+                    p1, p2, widths, layout, same)
+                if how is None:
                     pairs += _apart(f1, f2, members, strategy)
+                else:
+                    pairs.append((p1, p2, how))
         else:  # grouped differently: each member from its columns of its group
             pairs = _apart(f1, f2, sorted(set(f1.columns) & set(f2.columns)), strategy)
         parts = [blk for p1, p2, how in pairs
@@ -133,17 +141,24 @@ def _apart(f1: _Groups, f2: _Groups, members: Sequence[int], strategy: str
     return out
 
 
-def _ghost_pays(f1: _LinearFeatures, f2: _LinearFeatures, widths: list[int], layout: str,
-                same: bool) -> bool:
-    """Ghost on the group costs at most the members apart, each by its cheaper strategy
-    (:func:`~ntk._handlers.linear.linear_costs`, on the group's rows)."""
+def _group_strategy(f1: _LinearFeatures, f2: _LinearFeatures, widths: list[int], layout: str,
+                    same: bool) -> str | None:
+    """``auto`` for a group (:func:`~ntk._handlers.linear.linear_costs`, on the group's rows):
+    ``"ghost"`` when ghost on the group costs at most the members apart, each by its cheaper
+    strategy; ``"materialise"`` when every member apart would take it (materialise on the
+    stacked weight is their sum, one product in place of one per member); None: apart."""
     c, d_in = f1.g.shape[1], f1.x.shape[1]
 
     def costs(d_out: int) -> dict[str, float]:
         return linear_costs(f1.n, f2.n, f1.t, f2.t, d_in, d_out, c, layout, same,
                             rows=(f1.x.shape[0], f2.x.shape[0]))
 
-    return costs(sum(widths))["ghost"] <= sum(min(costs(w).values()) for w in widths)
+    apart = [costs(w) for w in widths]
+    if costs(sum(widths))["ghost"] <= sum(min(k.values()) for k in apart):
+        return "ghost"
+    if all(k["materialise"] < k["ghost"] for k in apart):
+        return "materialise"
+    return None
 
 
 @dataclass
