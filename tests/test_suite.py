@@ -156,17 +156,22 @@ def test_provenance_records_commit_versions_and_units(tmp_path):
 def test_unit_commits_count_each_code_version_and_the_report_lists_them(tmp_path, monkeypatch):
     from experiments.suite import base, report
 
-    store = Store(tmp_path, "exp", Cfg())
     monkeypatch.setattr(base, "code_commit", lambda: ("a" * 40, False))
+    store = Store(tmp_path, "exp", Cfg())
+    monkeypatch.setattr(base, "code_commit", lambda: ("c" * 40, False))  # checkout moved mid-run
     store.save_table("u1", pd.DataFrame({"x": [1]}))
     store.save_table("u2", pd.DataFrame({"x": [2]}))
-    resumed = Store(tmp_path, "exp", Cfg())  # a later session at another commit, code edited
+    assert json.loads(store.provenance().read_text())["git_commit"] == "a" * 40  # the code that ran
     monkeypatch.setattr(base, "code_commit", lambda: ("b" * 40, True))
+    resumed = Store(tmp_path, "exp", Cfg())  # a later session at another commit, code edited
     resumed.save_table("u3", pd.DataFrame({"x": [3]}))
     assert resumed.unit_commits() == {"a" * 40: 2, "b" * 40 + "+dirty": 1}
     prov = json.loads(resumed.provenance().read_text())
     exp = report.ExperimentVerdicts("exp", "t", "tiny", {}, prov, (), None)
     assert f"units computed at {'a' * 12} (2), {'b' * 12} (uncommitted changes) (1)" in report._origin(exp)
+    only_old = report.ExperimentVerdicts("exp", "t", "tiny", {}, {**prov, "unit_commits": {"a" * 40: 3}},
+                                         (), None)
+    assert f"units computed at {'a' * 12} (3)" in report._origin(only_old)  # all by an earlier commit
 
 
 # --------------------------------------------------------------------------- verdicts -----

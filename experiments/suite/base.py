@@ -290,7 +290,9 @@ class Store:
                         "config_class": type(config).__qualname__, "config": config.to_dict()}, path)
         self.reused: list[str] = self.units()
         self.computed: list[str] = []
-        self._code: tuple[str | None, bool | None] | None = None
+        # the code this process runs: asked at opening, so a checkout moved during a long run does
+        # not lend its commit to results computed by the code loaded before (~15 ms of git)
+        self._code: tuple[str | None, bool | None] = code_commit()
 
     @classmethod
     def open_existing(cls, root: str | Path, name: str, config_cls: type[ExperimentConfig]) -> Store:
@@ -328,8 +330,6 @@ class Store:
         return sorted(n for n in names if n.startswith(prefix))
 
     def _finish(self, unit: str, kind: str, data: Path, sha256: str) -> None:
-        if self._code is None:  # asked once per store: git takes ~10 ms
-            self._code = code_commit()
         commit, dirty = self._code
         write_json({"kind": kind, "file": data.name, "sha256": sha256, "git_commit": commit,
                     "git_dirty": dirty}, self._marker(unit))
@@ -426,7 +426,7 @@ class Store:
             pass
         payload = {
             "experiment": self.name, "config_hash": self.hash, "config": self.config.to_dict(),
-            **provenance(device),
+            **provenance(device), "git_commit": self._code[0], "git_dirty": self._code[1],
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": round(time.perf_counter() - self._opened, 3), **peak,
             "units_reused": self.reused, "units_computed": self.computed,

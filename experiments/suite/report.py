@@ -137,7 +137,7 @@ def _origin(exp: ExperimentVerdicts) -> str:
     text = (f"commit {str(p.get('git_commit', 'unknown'))[:12]}{dirty}, {p.get('device', '?')} "
             f"({p.get('device_name', '?')}), {p.get('date', '?')}, {p.get('wall_time_s', '?')} s")
     commits = p.get("unit_commits") or {}
-    if len(commits) > 1 or any(c.endswith("+dirty") or c == "unrecorded" for c in commits):
+    if set(commits) - {p.get("git_commit")}:  # units computed elsewhere than by this run's code
         text += "; units computed at " + ", ".join(
             f"{c[:12]}{' (uncommitted changes)' if c.endswith('+dirty') else ''} ({n})"
             for c, n in sorted(commits.items()))
