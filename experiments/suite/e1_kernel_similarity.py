@@ -84,6 +84,15 @@ STATEMENT = "Propulsion's NTK approximates the NTK of full fine-tuning (Theorem 
 LAYOUTS = ("full", "trace")
 FAMILIES = ("minilm", "smollm2", "mlp", "transformer")
 LANGUAGE_MODELS = ("minilm", "smollm2")
+MODEL_NAMES = {"minilm": "MiniLM", "smollm2": "SmolLM2-135M"}
+
+
+def model_label(family: str, variant: str) -> str:
+    """``"MiniLM, pre-trained"``: what a summary row names so that rows of one claim differ."""
+    weights = "pre-trained" if variant == "pretrained" else f"{variant} weights"
+    return f"{MODEL_NAMES.get(family, family)}, {weights}"
+
+
 #: treatment -> what it means (module docstring)
 TREATMENTS = {
     "a": "each method's own parameters (z on the head for Propulsion)",
@@ -579,7 +588,8 @@ def _treatment_verdict(frame: pd.DataFrame, config: Config, counts: dict[str, in
     n, seeds = config.examples(family), len(config.family_seeds(family))
     return make_interval_verdict(
         claim="ntk_approximation",
-        statement=STATEMENT + f" Head treatment ({treatment}): {TREATMENTS[treatment]}.",
+        statement=f"{model_label(family, variant)}: {STATEMENT} Head treatment ({treatment}): "
+                  f"{TREATMENTS[treatment]}.",
         measurement=(
             f"{metric} ({METRIC_TEXT[metric]}) of K_P (z on every Linear, k = {config.degree}, "
             f"{counts.get(kernel, 0):,} parameters; at z = 1 the same for every k) with K_F; {variant} "
@@ -613,23 +623,24 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
                                "parameters)" for m, v in means.items())
             out.append(make_interval_verdict(
                 claim="ntk_approximation",
-                statement=("Propulsion's NTK is as close to full fine-tuning's as the kernels of other PEFT "
-                           "methods (LoRA, IA3, BitFit) are."),
+                statement=(f"{model_label(family, variant)}: Propulsion's NTK is as close to full "
+                           "fine-tuning's as the kernels of other PEFT methods (LoRA, IA3, BitFit) are."),
                 measurement=(f"{metric} of Propulsion ({prop:.3f}, head excluded from every kernel) minus "
                              f"that of the closest PEFT kernel, {best}; {setup}; {others}; paired on seeds "
                              "and half-samples"),
                 interval=diff, what=f"{metric} difference", support_if=(">", config.support_calibration),
                 refute_if=("<", config.refute_calibration), figure="e1_methods", experiment=NAME))
-    for family, label, widths in (("mlp", "MLPs", config.mlp_widths),
-                                  ("transformer", "small BERTs", config.transformer_widths)):
+    for family, label, widths in (("mlp", "random MLPs", config.mlp_widths),
+                                  ("transformer", "random small BERTs", config.transformer_widths)):
         ratios = gap_ratios(frame, family, layout, metric)
         nohead = gap_ratios(frame, family, layout, metric, treatment="b")
         iv = mean_interval(ratios) if ratios.size else Interval(float("nan"), float("nan"), float("nan"), 0)
         out.append(make_interval_verdict(
             claim="ntk_approximation",
-            statement="The gap between K_P and K_F shrinks with width, as an NTK argument would predict.",
+            statement=f"{label}: the gap between K_P and K_F shrinks with width, as an NTK argument would "
+                      "predict.",
             measurement=(f"(1 - {metric}) of K_P versus K_F at width {max(widths, default=0)} over width "
-                         f"{min(widths, default=0)}, random {label}, N = {config.sweep_examples}, per seed "
+                         f"{min(widths, default=0)}, {label}, N = {config.sweep_examples}, per seed "
                          f"({len(ratios)} seeds, t interval); with the head excluded from both kernels: "
                          f"{np.mean(nohead) if nohead.size else float('nan'):.2f}"),
             interval=iv, what="gap ratio", support_if=("<=", config.support_gap_ratio),
