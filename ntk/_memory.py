@@ -319,10 +319,13 @@ def plan(
 @dataclass(frozen=True)
 class StructuredTiles:
     """The structured engine's tiling: ``tile`` examples per tile; ``keep_all``: the features
-    of every tile stay in memory (otherwise tiles are re-captured when needed)."""
+    of every tile stay in memory (otherwise tiles are re-captured when needed); ``peak_bytes``:
+    the estimated peak of the engine's working memory (kernels, features, one capture's graph,
+    contraction chunks; the model and its inputs not counted)."""
 
     tile: int
     keep_all: bool
+    peak_bytes: float = 0.0
 
 
 def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: str,
@@ -356,5 +359,10 @@ def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: s
     tile = max(1, min(max(n1, n2), int(room // (4 * per_example))))  # half the room
     if max_tile is not None:
         tile = min(tile, max_tile)
-    keep_all = features_pe * (n1 + (0 if symmetric else n2)) <= room / 2
-    return StructuredTiles(tile, keep_all)
+    examples = n1 + (0 if symmetric else n2)
+    keep_all = features_pe * examples <= room / 2
+    # At the capture of the last tile: the features held (all tiles', or the one other tile
+    # of the pair) and the new tile's features with its graph, beside the kernels and chunks.
+    held = features_pe * (examples if keep_all else tile)
+    peak = kernel_bytes + work + held + tile * per_example
+    return StructuredTiles(tile, keep_all, peak)

@@ -95,7 +95,9 @@ class Timings:
         setup_seconds: the probe (modes, memory plan); capture_seconds: captures and features;
         contract_seconds: pairwise contractions; capture_cpu_seconds, contract_cpu_seconds:
             the process CPU seconds of the last two; verify_seconds, verify_cpu_seconds: the
-            check of a few entries against whole gradients (:mod:`ntk._verify`).
+            check of a few entries against whole gradients (:mod:`ntk._verify`);
+            estimated_peak_bytes: the memory plan's estimate of the working memory at its
+            peak (kernels, features, a capture's graph; the model not counted).
     """
 
     tile: int
@@ -109,6 +111,7 @@ class Timings:
     contract_cpu_seconds: float
     verify_seconds: float = 0.0
     verify_cpu_seconds: float = 0.0
+    estimated_peak_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -731,7 +734,7 @@ def structured_kernels(
                           setup_seconds=t_capture_start, capture_seconds=t_capture,
                           contract_seconds=t_contract, capture_cpu_seconds=cpu_capture,
                           contract_cpu_seconds=cpu_contract, verify_seconds=t_verify,
-                          verify_cpu_seconds=u_verify)
+                          verify_cpu_seconds=u_verify, estimated_peak_bytes=tiles.peak_bytes)
     out: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {}
     for s, blocks in results.items():
         if sum_logits:

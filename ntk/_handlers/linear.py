@@ -101,9 +101,9 @@ def _pack(x: torch.Tensor, g: torch.Tensor, live: torch.Tensor | None = None
     """
     c, n, t, d_out = g.shape
     gt = g.permute(1, 2, 0, 3)  # (n, T, C, d_out)
-    if live is None:  # (n, T); given when known
+    if t > 1 and live is None:  # (n, T); given when known (one token: nothing to drop)
         live = live_tokens(g)
-    if t == 1 or bool(live.all()):
+    if t == 1 or live is None or bool(live.all()):
         rows = torch.arange(n * t, device=x.device)
         return _LinearFeatures(x.reshape(n * t, -1), gt.reshape(n * t, c, d_out), rows // t,
                                rows % t, n, t)
