@@ -361,8 +361,8 @@ def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: s
         tile = min(tile, max_tile)
     examples = n1 + (0 if symmetric else n2)
     keep_all = features_pe * examples <= room / 2
-    # At the capture of the last tile: the features held (all tiles', or the one other tile
-    # of the pair) and the new tile's features with its graph, beside the kernels and chunks.
-    held = features_pe * (examples if keep_all else tile)
-    peak = kernel_bytes + work + held + tile * per_example
+    # At a capture: the graph of the tile captured, and the features held: every tile's (that
+    # one's included) when all are kept, else the other tile of the pair and the new one.
+    held = features_pe * (examples if keep_all else 2 * tile)
+    peak = kernel_bytes + work + held + tile * features_pe
     return StructuredTiles(tile, keep_all, peak)
