@@ -116,3 +116,12 @@ def test_interval_verdict_names_the_deciding_bound():
                               support_if=SUPPORT, refute_if=REFUTE, figure=None, experiment="e")
     assert v.verdict == "supported" and v.decided_by.startswith("lower bound")
     assert "[" in v.value_text and "n = 3" in v.value_text
+
+
+def test_identical_seeds_are_shown_without_an_interval():
+    """A metric that no seed moves (fixed pre-trained weights) has no spread to show: the value
+    says so instead of printing a zero-width interval as if it were one."""
+    interval = mean_interval([1.5, 1.5, 1.5, 1.5, 1.5])
+    v = make_interval_verdict(claim="c", statement="s", measurement="m", interval=interval, what="x",
+                              support_if=SUPPORT, refute_if=REFUTE, figure=None, experiment="e")
+    assert "[" not in v.value_text and "same value in all n = 5 seeds" in v.value_text

@@ -81,6 +81,20 @@ def is_threshold(field_name: str) -> bool:
     return any(marker in field_name for marker in THRESHOLD_MARKERS)
 
 
+MODEL_NAMES = {"minilm": "MiniLM", "smollm2": "SmolLM2-135M"}
+"""Display names of the language-model families the experiments load."""
+
+
+def model_label(family: str, variant: str | None = None) -> str:
+    """``"MiniLM, pre-trained"`` (or ``"MiniLM"`` without a variant): what a summary row names
+    so that rows of one claim differ."""
+    name = MODEL_NAMES.get(family, family)
+    if variant is None:
+        return name
+    weights = "pre-trained" if variant == "pretrained" else f"{variant} weights"
+    return f"{name}, {weights}"
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Fields every experiment has; subclasses add theirs (sizes, thresholds), all with help text."""
@@ -485,11 +499,14 @@ class Verdict:
 
     @property
     def value_text(self) -> str:
-        """``0.93`` or, with an interval, ``0.93 [0.91, 0.95] (95%, n = 5)``."""
+        """``0.93`` or, with an interval, ``0.93 [0.91, 0.95] (95%, n = 5)``; an interval of
+        zero width (every seed gave the same value) is said so instead."""
         if self.low is None or self.high is None:
             return f"{self.value:.4g}"
         if math.isnan(self.low) or math.isnan(self.high):
             return f"{self.value:.4g} (no interval, n = {self.n})"
+        if self.low == self.high == self.value:  # e.g. fixed pre-trained weights
+            return f"{self.value:.4g} (the same value in all n = {self.n} seeds: no interval)"
         return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}] (95%, n = {self.n})"
 
 

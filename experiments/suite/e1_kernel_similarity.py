@@ -73,7 +73,13 @@ import torch
 from torch import nn
 
 from experiments.dynamics import similarity
-from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
+from experiments.suite.base import (
+    ExperimentConfig,
+    Store,
+    Verdict,
+    make_interval_verdict,
+    model_label,
+)
 from experiments.suite.stats import Interval, hierarchical_interval, mean_interval
 
 NAME = "e1_kernel_similarity"
@@ -84,13 +90,6 @@ STATEMENT = "Propulsion's NTK approximates the NTK of full fine-tuning (Theorem 
 LAYOUTS = ("full", "trace")
 FAMILIES = ("minilm", "smollm2", "mlp", "transformer")
 LANGUAGE_MODELS = ("minilm", "smollm2")
-MODEL_NAMES = {"minilm": "MiniLM", "smollm2": "SmolLM2-135M"}
-
-
-def model_label(family: str, variant: str) -> str:
-    """``"MiniLM, pre-trained"``: what a summary row names so that rows of one claim differ."""
-    weights = "pre-trained" if variant == "pretrained" else f"{variant} weights"
-    return f"{MODEL_NAMES.get(family, family)}, {weights}"
 
 
 #: treatment -> what it means (module docstring)

@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict
+from experiments.suite.base import ExperimentConfig, Store, Verdict, make_interval_verdict, model_label
 from experiments.suite.stats import mean_interval
 
 NAME = "e2_premise"
@@ -408,9 +408,9 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
         out += [
             make_interval_verdict(
                 claim="theorem_premise",
-                statement=("Pre-trained layers preserve inner products of their inputs up to the JL "
-                           "distortion "
-                           "at their width (the premise of Theorem 1)."),
+                statement=(f"{model_label(model)}: pre-trained layers preserve inner products of "
+                           "their inputs up to the JL distortion at their width (the premise of "
+                           "Theorem 1)."),
                 measurement=(f"share of the {layers} pre-trained Linear layers of {model} whose largest "
                              f"distortion over {n} real token inputs (after the best scalar) is within "
                              f"eps_jl = sqrt(8 ln n / d_out), {seeds}; random weights on the same inputs: "
@@ -422,8 +422,9 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
                 figure=f"e2_distortion{_suffix(model)}", experiment=NAME),
             make_interval_verdict(
                 claim="theorem_premise",
-                statement=("Pre-trained W^T W is as close to a multiple of the identity as that of random "
-                           "Gaussian weights of the same shape, which the JL argument assumes."),
+                statement=(f"{model_label(model)}: pre-trained W^T W is as close to a multiple of the "
+                           "identity as that of random Gaussian weights of the same shape, which the "
+                           "JL argument assumes."),
                 measurement=(f"median over the {layers} pre-trained layers of {model} of "
                              "||W^T W / c - I||_F / "
                              f"sqrt(d_in) divided by its iid-Gaussian expectation sqrt((d_in + 1) / d_out), "
