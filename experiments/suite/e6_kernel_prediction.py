@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -480,25 +480,32 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
         if config.kernel == "ntk"
         else "asymmetric sign-GD kernel (matches Adam, Malladi et al. 2023)"
     )
-    return [
-        make_interval_verdict(
-            claim="kernel_regime",
-            statement="Propulsion fine-tuning behaves like kernel regression with its initial kernel",
-            measurement=(
-                f"|kernel-regression accuracy - fine-tuned accuracy| of Propulsion (k=5), mean over "
-                f"{len(config.seeds)} few-shot draws; kernel: {kernel_name}; fine-tuning: {config.optimizer} "
-                f"{'(momentum 0.9) ' if config.optimizer == 'sgd' else ''}at the rate chosen on validation, "
-                f"{config.steps} steps; {config.shots} shots per class, {config.n_test} test examples, "
-                f"{config.model} on {config.dataset}; Propulsion's fine-tuned accuracy {tuned} (the gap "
-                f"counts only if its lower bound is >= {config.support_min_accuracy:g}, else: inconclusive)"
-                f"{size}; "
-                f"other methods: {others or 'none'}"
+    verdict = make_interval_verdict(
+        claim="kernel_regime",
+        statement="Propulsion fine-tuning behaves like kernel regression with its initial kernel",
+        measurement=(
+            f"|kernel-regression accuracy - fine-tuned accuracy| of Propulsion (k=5), mean over "
+            f"{len(config.seeds)} few-shot draws; kernel: {kernel_name}; fine-tuning: {config.optimizer} "
+            f"{'(momentum 0.9) ' if config.optimizer == 'sgd' else ''}at the rate chosen on validation, "
+            f"{config.steps} steps; {config.shots} shots per class, {config.n_test} test examples, "
+            f"{config.model} on {config.dataset}; Propulsion's fine-tuned accuracy {tuned} (the gap "
+            f"counts only if its lower bound is >= {config.support_min_accuracy:g}, else: inconclusive)"
+            f"{size}; "
+            f"other methods: {others or 'none'}"
+        ),
+        interval=gap,
+        what="accuracy gap",
+        support_if=("<=", config.support_max_gap),
+        refute_if=(">", config.refute_min_gap),
+        figure="e6_kernel_vs_finetuned",
+        experiment=NAME,
+    )
+    if not learned and not math.isnan(tuned.low):  # the gate decided, not the number of draws
+        verdict = replace(
+            verdict,
+            decided_by=(
+                f"the accuracy gate: Propulsion's fine-tuned accuracy has lower bound {tuned.low:.3g} < "
+                f"{config.support_min_accuracy:g}, so fine-tuning did not learn and the gap is not judged"
             ),
-            interval=gap,
-            what="accuracy gap",
-            support_if=("<=", config.support_max_gap),
-            refute_if=(">", config.refute_min_gap),
-            figure="e6_kernel_vs_finetuned",
-            experiment=NAME,
         )
-    ]
+    return [verdict]
