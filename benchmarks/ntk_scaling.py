@@ -111,7 +111,7 @@ def measure(n: int, output: str) -> dict:
     assert isinstance(k, torch.Tensor) and k.shape == shape and bool(torch.isfinite(k).all())
     kt = k if output == "trace" else k.permute(1, 0, 3, 2)
     asym = float((k - kt).abs().max() / k.abs().max())
-    return {"n": n, "output": output, "seconds": seconds, "cpu_seconds": cpu,
+    return {"n": n, "output": output, "git_commit": git_commit(), "seconds": seconds, "cpu_seconds": cpu,
             "entries": k.numel(), "stats": dataclasses.asdict(timings), "asymmetry": asym,
             "rss_before_mb": before / 2**20, "working_peak_mb": (sampler.peak - before) / 2**20,
             "estimated_peak_mb": timings.estimated_peak_bytes / 2**20}

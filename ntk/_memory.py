@@ -319,13 +319,15 @@ def plan(
 @dataclass(frozen=True)
 class StructuredTiles:
     """The structured engine's tiling: ``tile`` examples per tile; ``keep_all``: the features
-    of every tile stay in memory (otherwise tiles are re-captured when needed); ``peak_bytes``:
+    of every tile stay in memory (otherwise the features of the ``kept`` most recently used
+    tiles stay, and the others are re-captured when needed); ``peak_bytes``:
     the estimated peak of the engine's working memory (kernels, features, one capture's graph,
     contraction chunks; the model and its inputs not counted)."""
 
     tile: int
     keep_all: bool
     peak_bytes: float = 0.0
+    kept: int = 2
 
 
 def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: str,
@@ -361,8 +363,10 @@ def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: s
         tile = min(tile, max_tile)
     examples = n1 + (0 if symmetric else n2)
     keep_all = features_pe * examples <= room / 2
+    # Otherwise as many tiles' features as fit in that half are kept (at least the pair's two).
+    kept = max(2, int(room / 2 // max(1.0, tile * features_pe)))
     # At a capture: the graph of the tile captured, and the features held: every tile's (that
-    # one's included) when all are kept, else the other tile of the pair and the new one.
-    held = features_pe * (examples if keep_all else 2 * tile)
+    # one's included) when all are kept, else the kept - 1 others and the new one.
+    held = features_pe * (examples if keep_all else kept * tile)
     peak = kernel_bytes + work + held + tile * features_pe
-    return StructuredTiles(tile, keep_all, peak)
+    return StructuredTiles(tile, keep_all, peak, kept)

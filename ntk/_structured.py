@@ -653,7 +653,7 @@ def structured_kernels(
         tile, keep_all = tiles.tile, tiles.keep_all
         total_tiles = -(-n1 // tile) + (0 if symmetric else -(-n2 // tile))
         cache: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()
-        capacity = total_tiles if keep_all else 2
+        capacity = total_tiles if keep_all else tiles.kept
 
         def get(which: int, rng: tuple[int, int]) -> list[Any]:
             key = (which, rng[0])
@@ -692,7 +692,10 @@ def structured_kernels(
             for s, names in sets.items()
         }
         t_capture_start = time.perf_counter() - started
-        pairs = [(c, r) for c, rows in tile_pairs(n1, n2, tile, symmetric) for r in rows]
+        # Rows in snake order (down one column, up the next): the tiles used last in a column
+        # are the first of the next, so a cache of the last few tiles saves their re-capture.
+        pairs = [(c, r) for j, (c, rows) in enumerate(tile_pairs(n1, n2, tile, symmetric))
+                 for r in (rows if j % 2 == 0 else rows[::-1])]
         bar = _progress(len(pairs), progress)
         clock, cpu = time.perf_counter, time.process_time
         t_capture = t_contract = cpu_capture = cpu_contract = 0.0
