@@ -266,6 +266,10 @@ def table(result: dict) -> str:
     missing = [f"{o} {n}" for o in OUTPUTS for n in SIZES
                if "seconds" not in result["runs"].get(f"{o}/{n}", {})]
     meta = "\n".join(f"- {k}: {v}" for k, v in result["meta"].items())
+    by_commit: dict[str, list[str]] = {}
+    for r in runs:
+        by_commit.setdefault(str(r.get("git_commit", "?"))[:12], []).append(f"{r['output']} {r['n']}")
+    commits = "; ".join(f"{c} ({', '.join(v)})" for c, v in by_commit.items())
     return f"""# Structured eNTK scaling in N: MiniLM, trace and full kernels
 
 {meta}
@@ -285,6 +289,7 @@ largest resident set sampled every 2 ms during the call less the resident set ju
 {chr(10).join(fits) or "- fit: not enough points"}
 {recapture}
 - memory estimate within 25 % of the working peak: {within} of {len(ratios)} runs
+- measured at commits: {commits}
 - expected: t = a' N + b' N^2 (captures linear in N per pass over the data, contractions
   quadratic): slope 1 while captures dominate, 2 once contractions do (`ntk_scaling.png`).
 - not measured: {', '.join(missing) or 'none'}
