@@ -22,7 +22,7 @@ def _raw(finetuned: list[float], kernel: list[float]) -> pd.DataFrame:
     ("finetuned", "kernel", "verdict", "decided"),
     [
         # one draw at 0.62, two that never left chance: the gate, not the number of draws
-        ([0.625, 0.516, 0.477], [0.555, 0.520, 0.551], "inconclusive", "the accuracy gate"),
+        ([0.625, 0.516, 0.477], [0.555, 0.520, 0.551], "inconclusive", "the gate: Propulsion"),
         # fine-tuning learned and agrees with the kernel to 0.01: the gap's interval decides
         ([0.80, 0.81, 0.79], [0.80, 0.80, 0.80], "supported", "upper bound"),
     ],

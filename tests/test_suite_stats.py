@@ -125,3 +125,13 @@ def test_identical_seeds_are_shown_without_an_interval():
     v = make_interval_verdict(claim="c", statement="s", measurement="m", interval=interval, what="x",
                               support_if=SUPPORT, refute_if=REFUTE, figure=None, experiment="e")
     assert "[" not in v.value_text and "same value in all n = 5 seeds" in v.value_text
+
+
+def test_a_gate_makes_the_verdict_inconclusive_and_is_named():
+    """A measurement that must not be judged (the compared runs did not learn) is inconclusive
+    whatever its interval, and the report names the gate rather than asking for more seeds."""
+    interval = mean_interval([0.95, 0.96, 0.955])
+    v = make_interval_verdict(claim="c", statement="s", measurement="m", interval=interval, what="x",
+                              support_if=SUPPORT, refute_if=REFUTE, figure=None, experiment="e",
+                              gate="the runs did not learn")
+    assert v.verdict == "inconclusive" and v.decided_by == "the gate: the runs did not learn"

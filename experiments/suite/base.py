@@ -557,13 +557,19 @@ def make_verdict(*, claim: str, statement: str, measurement: str, value: float, 
 
 
 def make_interval_verdict(*, claim: str, statement: str, measurement: str, interval: Any, what: str,
-                          support_if: Rule, refute_if: Rule, figure: str | None, experiment: str) -> Verdict:
+                          support_if: Rule, refute_if: Rule, figure: str | None, experiment: str,
+                          gate: str | None = None) -> Verdict:
     """A :class:`Verdict` decided on ``interval`` (a :class:`experiments.suite.stats.Interval`):
     supported only if the whole interval meets ``support_if``, not supported only if it meets
-    ``refute_if`` as a whole (:func:`experiments.suite.stats.decide_interval`)."""
+    ``refute_if`` as a whole (:func:`experiments.suite.stats.decide_interval`). ``gate``: why the
+    measurement is not judged at all (e.g. the runs compared did not learn); the verdict is then
+    inconclusive and that reason, not the interval, is named as what decided."""
     from experiments.suite.stats import decide_interval
 
-    verdict, why = decide_interval(interval, support_if=support_if, refute_if=refute_if)
+    if gate is not None:
+        verdict, why = "inconclusive", f"the gate: {gate}"
+    else:
+        verdict, why = decide_interval(interval, support_if=support_if, refute_if=refute_if)
     return Verdict(claim=claim, statement=statement, measurement=measurement, value=float(interval.estimate),
                    threshold=rule_text(what, support_if, refute_if) + " (decided on the 95% interval)",
                    verdict=verdict, figure=figure, experiment=experiment, low=float(interval.low),

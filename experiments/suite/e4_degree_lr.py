@@ -246,9 +246,15 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
         control = float(np.nanmean(sel.groupby("run_seed")["gap_control"].max())) if len(sel) else math.nan
         learned = float(sel["learned"].min()) if len(sel) else math.nan
         finite = worst[np.isfinite(worst)]
+        gate = None
         if learned >= config.support_min_learning and finite.size:
             interval = mean_interval(finite)
         else:
+            if finite.size:  # no number of seeds helps while a compared run does not learn
+                gate = (
+                    f"a compared run gained only {learned:.3f} validation accuracy over step 0 "
+                    f"(< {config.support_min_learning:g}): it did not learn, so the gap is not judged"
+                )
             interval = Interval(
                 float(np.nanmean(worst)) if finite.size else math.nan, math.nan, math.nan, int(finite.size)
             )
@@ -273,6 +279,7 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
                 refute_if=(">", config.refute_min_gap),
                 figure=f"e4_degree_vs_lr_k{config.degrees[0]}",
                 experiment=NAME,
+                gate=gate,
             )
         )
     return out

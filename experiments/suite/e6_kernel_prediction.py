@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -499,13 +499,11 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
         refute_if=(">", config.refute_min_gap),
         figure="e6_kernel_vs_finetuned",
         experiment=NAME,
+        gate=(
+            f"Propulsion's fine-tuned accuracy has lower bound {tuned.low:.3g} < "
+            f"{config.support_min_accuracy:g}: fine-tuning did not learn, so the gap is not judged"
+            if not learned and not math.isnan(tuned.low)
+            else None
+        ),
     )
-    if not learned and not math.isnan(tuned.low):  # the gate decided, not the number of draws
-        verdict = replace(
-            verdict,
-            decided_by=(
-                f"the accuracy gate: Propulsion's fine-tuned accuracy has lower bound {tuned.low:.3g} < "
-                f"{config.support_min_accuracy:g}, so fine-tuning did not learn and the gap is not judged"
-            ),
-        )
     return [verdict]
