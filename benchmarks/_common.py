@@ -60,12 +60,17 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+CODE = ("propulsion", "ntk", "experiments", "benchmarks", "scripts", "pyproject.toml")
+
+
 def git_commit() -> str:
-    """``HEAD`` of the repository (``+dirty`` when the work tree has changes), or ``unknown``."""
+    """``HEAD`` of the repository (``+dirty`` when code has uncommitted changes: the packages,
+    benchmark scripts, scripts and pyproject.toml, not result files), or ``unknown``."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=ROOT, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                *CODE, ":(exclude)benchmarks/results"],
                                capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

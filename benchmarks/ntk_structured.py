@@ -86,8 +86,9 @@ Profiles: cProfile with `time.process_time` and torch.profiler, 1 thread, warm c
   running beside it): structured 2.73 CPU s at 1.7 GB peak RSS (self-check included) against the
   jacobian method's 15.0 CPU s at 6.7 GB: 5.5x, 0.25 of the memory. The morning's 8.4x came
   from a jacobian run of 28.2 s at 3.7 GB; this one used more memory, probably in fewer tiles
-  (its default budget follows the memory it finds free; not checked). So the engine stands at 5.5-6.2x the jacobian method on this model; the
-  structured time itself went from 2.49 (without self-check) and 3.34 s (with) to 2.73 s.
+  (its default budget follows the memory it finds free; not checked). So the engine stands at
+  5.5-6.2x the jacobian method on this model; the structured time itself went from 2.49
+  (without self-check) and 3.34 s (with) to 2.73 s.
 """
 """Torch threads per measurement: 1 by default, because on a shared, oversubscribed machine
 two OpenMP threads stall on each other's barriers (times then vary by 10x); set
