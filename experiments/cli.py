@@ -162,10 +162,14 @@ def cmd_figures(args: argparse.Namespace) -> int:
     from experiments.suite import draw_figures
 
     writable_folder(args.out)
-    paths = draw_figures(args.results, args.out)
+    incomplete: list[str] = []
+    paths = draw_figures(args.results, args.out, incomplete=incomplete)
     for path in paths:
         print(path)
     print(f"{len(paths)} file(s) written to {args.out}")
+    if incomplete:  # drawn what has finished; say what has not, and fail
+        print("not drawn, results incomplete:\n" + "\n".join(f"  {m}" for m in incomplete), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -278,3 +278,21 @@ def test_e7_figures_name_a_missing_unit(tmp_path):
     with pytest.raises(MissingResultError, match=r"counts/roberta-base.*propulsion-ntk run"):
         e7.figures(store, tmp_path / "f")
     assert not (tmp_path / "f").exists()
+
+
+def test_figures_of_a_study_in_progress_draw_what_finished_and_name_the_rest(tmp_path, capsys):
+    """`figures` on a results folder where one experiment is complete and another has not
+    finished: the complete one's figures are written, the other is named with its missing
+    units and the command that computes them, and the exit status says not everything was
+    drawn."""
+    from experiments import cli
+    from experiments.suite import e8_memory as e8
+
+    results = tmp_path / "results"
+    assert cli.main(["run", "e7", "--preset", "tiny", "--out", str(results)]) == 0
+    Store(results, e8.NAME, e8.PRESETS["tiny"])  # started, no unit finished
+    capsys.readouterr()
+    assert cli.main(["figures", "--results", str(results), "--out", str(tmp_path / "f")]) == 1
+    err = capsys.readouterr().err
+    assert (tmp_path / "f" / "e7_parameter_counts.png").exists()
+    assert "results incomplete" in err and e8.NAME in err and "propulsion-ntk run" in err

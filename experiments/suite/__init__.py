@@ -128,15 +128,26 @@ def open_results(results_dir: str | Path, name: str) -> Store:
     return Store.open_existing(results_dir, module.NAME, module.Config)
 
 
-def draw_figures(results_dir: str | Path = "runs/suite", fig_dir: str | Path = "figures") -> list[Path]:
+def draw_figures(results_dir: str | Path = "runs/suite", fig_dir: str | Path = "figures", *,
+                 incomplete: list[str] | None = None) -> list[Path]:
     """Redraw every figure of every experiment with results in ``results_dir``, from saved units only.
 
+    ``incomplete``: when a list is given, an experiment whose results lack a unit is skipped and
+    the reason (naming the missing units and the command that computes them) appended to it,
+    so that the figures of a study still running are drawn for what has finished.
+
     Raises:
-        MissingResultError: no results at all, or an experiment's results lack a unit (named).
+        MissingResultError: no results at all, or (without ``incomplete``) an experiment's
+            results lack a unit (named).
     """
     paths: list[Path] = []
     for module in present_experiments(results_dir):
-        paths += module.figures(open_results(results_dir, module.NAME), Path(fig_dir))
+        try:
+            paths += module.figures(open_results(results_dir, module.NAME), Path(fig_dir))
+        except MissingResultError as err:
+            if incomplete is None:
+                raise
+            incomplete.append(str(err))
     return paths
 
 
