@@ -174,9 +174,10 @@ def _methods(frame: pd.DataFrame, config: Any, models: list[tuple[str, str]], fi
         seeds = len(config.family_seeds(family))
         ax.set_title(f"{_label(family, variant)}, N = {config.examples(family)}, {seeds} seed(s)", fontsize=7)
         ax.set_ylabel(f"{metric} with K_F")
-        ax.set_ylim(min(0.0, float(np.nanmin(ax.get_ylim()))), 1.05)
+        ax.set_ylim(min(0.0, float(np.nanmin(ax.get_ylim()))), 1.2)  # headroom for the legend
+        ax.set_yticks([t for t in ax.get_yticks() if t <= 1.0])
         ax.set_xticks(x, list(_BAR_METHODS), fontsize=6)
-    axes[0, 0].legend(fontsize=5, ncols=3, loc="lower left")
+    axes[0, 0].legend(fontsize=5, ncols=3, loc="upper center", frameon=False)
     fig.suptitle(
         f"Each method's kernel against full fine-tuning's at initialisation ({layout} layout, unbiased "
         "HSIC; error bars: 95% interval over seeds and half-samples; dashed: support, dotted: refute "
