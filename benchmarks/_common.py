@@ -60,19 +60,18 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-CODE = ("propulsion", "ntk", "experiments", "benchmarks", "scripts", "pyproject.toml")
-
-
 def git_commit() -> str:
     """``HEAD`` of the repository (``+dirty`` when code has uncommitted changes: the packages,
     benchmark scripts, scripts and pyproject.toml, not result files), or ``unknown``."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=ROOT, check=True).stdout.strip()
+        from experiments.records import CODE_PATHS  # lazy: the JAX worker never calls this
+
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                *CODE, ":(exclude)benchmarks/results"],
+                                *CODE_PATHS, ":(exclude)benchmarks/results"],
                                capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, subprocess.CalledProcessError, ImportError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
 

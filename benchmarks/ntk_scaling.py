@@ -28,18 +28,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import git_commit, write_atomic
+from _common import git_commit, peak_rss_mb, proc_status_kb, provenance, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -56,9 +53,8 @@ NTK_BENCH_THREADS to use more on a quiet one."""
 
 
 def _rss_bytes() -> int:
-    """Resident set of this process now (Linux ``/proc/self/statm``)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """Resident set of this process now (``VmRSS``)."""
+    return (proc_status_kb("VmRSS") or 0) * 1024
 
 
 class _PeakSampler:
@@ -145,20 +141,8 @@ def _load() -> dict:
 def _meta() -> dict:
     import torch
 
-    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "git_commit": git_commit(), "machine": platform.platform(),
-            "cpu": _cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "dtype": "float32", "params": "all",
-            "memory_budget_bytes": BUDGET, "torch_threads": THREADS,
-            "load_average_at_start": round(os.getloadavg()[0], 1)}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
+    return provenance(torch=torch.__version__, dtype="float32", params="all",
+                      memory_budget_bytes=BUDGET, torch_threads=THREADS)
 
 
 def fit(points: list[tuple[int, float]]) -> dict:
@@ -327,7 +311,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     if args.one:
         out = measure(args.one, args.output[0])
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(out))
     elif args.plot_only:
         res = _load()

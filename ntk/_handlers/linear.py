@@ -101,9 +101,9 @@ def _pack(x: torch.Tensor, g: torch.Tensor, live: torch.Tensor | None = None
     """
     c, n, t, d_out = g.shape
     gt = g.permute(1, 2, 0, 3)  # (n, T, C, d_out)
-    if t > 1 and live is None:  # (n, T); given when known (one token: nothing to drop)
+    if live is None:  # (n, T); given when known
         live = live_tokens(g)
-    if t == 1 or live is None or bool(live.all()):
+    if t == 1 or bool(live.all()):
         rows = torch.arange(n * t, device=x.device)
         return _LinearFeatures(x.reshape(n * t, -1), gt.reshape(n * t, c, d_out), rows // t,
                                rows % t, n, t)
@@ -117,7 +117,11 @@ def _pack(x: torch.Tensor, g: torch.Tensor, live: torch.Tensor | None = None
 
 def live_tokens(g: torch.Tensor) -> torch.Tensor:
     """(n, T) tokens whose back-signal ``g`` (C, n, T, d_out) is non-zero for some output (a
-    NaN counts as non-zero): ``max |g|`` over outputs and features, one pass, no boolean copy."""
+    NaN counts as non-zero): ``max |g|`` over outputs and features, one pass, no boolean copy.
+    With one token per example (an MLP) every token is kept without looking: nothing to drop."""
+    n, t = g.shape[1:3]
+    if t == 1:
+        return torch.ones(n, 1, dtype=torch.bool, device=g.device)
     return g.abs().amax(-1).amax(0) != 0
 
 

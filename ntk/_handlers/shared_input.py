@@ -89,8 +89,7 @@ class SharedInputHandler(Handler):
                 found.append(_Member(
                     i, tuple((_where(_arg(c, "input")), c.mode) for c in own),
                     [_tokens(_arg(c, "input"), n, m.in_features, "input", m, c.mode).to(dtype)
-                     for c in own], g, live_tokens(g) if g.shape[2] > 1  # one token: all kept
-                     else torch.ones(n, 1, dtype=torch.bool, device=g.device)))
+                     for c in own], g, live_tokens(g)))
         if not found:
             return None
         groups, columns = [], {}
