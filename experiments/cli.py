@@ -158,6 +158,22 @@ def _run_sweep(args: argparse.Namespace, names: list[str], overrides: dict[str, 
     return 0
 
 
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from experiments.suite import adopt_results
+    from experiments.suite.base import parse_assignments
+
+    writable_folder(args.out)
+    store, adopted, refused = adopt_results(args.name, args.preset, source=args.source, out=args.out,
+                                            seed=args.seed, overrides=parse_assignments(args.set))
+    print(f"{len(adopted)} unit(s) adopted from {args.source} -> {store.dir}")
+    if refused:
+        print(f"{len(refused)} unit(s) not adopted (their results depend on fields that differ):")
+        for unit, fields in refused.items():
+            print(f"  {unit}: {', '.join(fields)}")
+    print(f"compute the rest with `propulsion-ntk run {store.name} --preset {args.preset} --out {args.out}`")
+    return 0
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     from experiments.suite import draw_figures
 
@@ -248,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "(repeatable; every flag counts)")
     run.add_argument("--workers", type=int, default=1, help="local processes for --sweep without torchrun")
     run.set_defaults(func=cmd_run)
+    adopt = sub.add_parser("adopt", help="carry finished units over from results under another configuration "
+                                         "(only units whose results do not depend on what differs)")
+    adopt.add_argument("name", help="an experiment (e1, e2, ... work too)")
+    adopt.add_argument("--from", dest="source", required=True,
+                       help="the results folder holding the units (one subfolder per experiment)")
+    adopt.add_argument("--preset", default="quick", choices=("tiny", "quick", "study", "full"))
+    adopt.add_argument("--out", default="runs/suite", help="results folder to adopt into")
+    adopt.add_argument("--seed", type=int, default=None)
+    adopt.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="config overrides, as for run")
+    adopt.set_defaults(func=cmd_adopt)
     figures = sub.add_parser("figures", help="redraw every figure from saved results (never recomputes)")
     figures.add_argument("--results", default="runs/suite")
     figures.add_argument("--out", default="figures")

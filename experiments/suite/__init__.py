@@ -25,7 +25,7 @@ from typing import Any
 from experiments.processes import folder_lock
 from experiments.suite.base import ExperimentConfig, MissingResultError, Store
 
-__all__ = ["EXPERIMENTS", "PRESET_NAMES", "get_experiment", "run_experiment", "draw_figures",
+__all__ = ["EXPERIMENTS", "PRESET_NAMES", "get_experiment", "run_experiment", "adopt_results", "draw_figures",
            "write_report", "open_results", "present_experiments", "sweep_unit", "fill_command"]
 
 PRESET_NAMES = ("tiny", "quick", "study", "full")
@@ -99,6 +99,32 @@ def run_experiment(name: str, preset: str = "quick", *, out: str | Path = "runs/
         module.main(config, store, progress=progress)
         store.provenance(preset=preset)
     return store
+
+
+def adopt_results(name: str, preset: str = "quick", *, source: str | Path, out: str | Path = "runs/suite",
+                  seed: int | None = None, overrides: dict[str, Any] | None = None
+                  ) -> tuple[Store, list[str], dict[str, list[str]]]:
+    """Carry the units of ``source/NAME`` (results under another configuration) over to
+    ``out/NAME`` under the preset's configuration (with ``seed`` and ``overrides``), where
+    their results do not depend on what changed (:meth:`Store.adopt`). What was refused is
+    computed by the next ``run``. Returns ``(store, adopted, refused)``.
+
+    Typical use, after a preset changed a field that only some units read (e1's SmolLM2 N):
+    move the old folder aside, adopt from it, then run again to compute the rest.
+    """
+    module = get_experiment(name)
+    if preset not in module.PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for {module.NAME}; "
+                         f"choose one of {', '.join(module.PRESETS)}")
+    changes: dict[str, Any] = dict(overrides or {})
+    if seed is not None:
+        changes["seed"] = seed
+    config = module.PRESETS[preset].replace(**changes)
+    origin = Store.open_existing(source, module.NAME, module.Config)
+    with folder_lock(Path(out) / module.NAME):
+        store = Store(out, module.NAME, config)
+        adopted, refused = store.adopt(origin)
+    return store, adopted, refused
 
 
 def present_experiments(results_dir: str | Path) -> list[ModuleType]:

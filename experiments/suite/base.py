@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.records import (
+    JSON_CHECKSUM,
     atomic_path,
     code_commit,
     provenance,
@@ -126,6 +127,13 @@ class ExperimentConfig:
         """What the results depend on: :meth:`to_dict` without ``device`` and the verdict
         thresholds (fields whose name contains "support" or "refute")."""
         return {k: v for k, v in self.to_dict().items() if k != "device" and not is_threshold(k)}
+
+    def unit_identity(self, unit: str) -> dict[str, Any]:
+        """What the results of the one unit ``unit`` depend on: :meth:`identity` unless an
+        experiment narrows it (e1: a MiniLM unit does not depend on the SmolLM2 fields). Only
+        :meth:`Store.adopt` uses it, to carry a unit over to a configuration that differs
+        elsewhere; a narrowing must leave out only fields the unit's computation never reads."""
+        return self.identity()
 
     def config_hash(self, name: str = "") -> str:
         """sha256 of the JSON of :meth:`identity` (keys sorted) and the experiment ``name``.
@@ -411,6 +419,56 @@ class Store:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
+    def adopt(self, source: Store) -> tuple[list[str], dict[str, list[str]]]:
+        """Copy into this store the done units of ``source`` (this experiment's results under
+        another configuration) that this store lacks and whose results depend on nothing that
+        differs: :meth:`ExperimentConfig.unit_identity` equal under both configurations.
+
+        Each data file is checked against its recorded sha256 before it is copied (atomically);
+        the copied marker keeps the commit that computed the unit and adds ``adopted_from``
+        (the source's config hash and folder). A unit is never half-adopted: its data file is
+        in place before its marker.
+
+        Returns:
+            ``(adopted, refused)``: the units copied, and unit -> the config fields that differ
+            for it (those units must be computed under this configuration).
+
+        Raises:
+            ValueError: ``source`` is another experiment, or this very folder.
+            DamagedFileError: a source unit's data file does not match its checksum.
+        """
+        if source.name != self.name:
+            raise ValueError(f"cannot adopt units of {source.name} into {self.name}")
+        if source.dir.resolve() == self.dir.resolve():
+            raise ValueError(f"{source.dir} is this store's own folder; adopt from another folder")
+        adopted: list[str] = []
+        refused: dict[str, list[str]] = {}
+        for unit in source.units():
+            if self.done(unit):
+                continue
+            mine, theirs = self.config.unit_identity(unit), source.config.unit_identity(unit)
+            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if differ:
+                refused[unit] = differ
+                continue
+            marker = {k: v for k, v in source._kind(unit).items() if k != JSON_CHECKSUM}
+            suffix = {"table": ".parquet", "arrays": ".safetensors"}.get(str(marker.get("kind")))
+            if suffix is None:
+                raise ValueError(f"unit {unit!r} of {source.dir} holds an unknown kind "
+                                 f"{marker.get('kind')!r}")
+            data = source._data(unit, str(marker["kind"]), suffix).read_bytes()
+            path = self._marker(unit).with_suffix(suffix)
+            if write_bytes(path, data) != marker.get("sha256"):  # pragma: no cover - checked just above
+                raise RuntimeError(f"internal: the copy of {unit!r} does not match its checksum")
+            marker["adopted_from"] = {"config_hash": source.hash, "folder": str(source.dir)}
+            write_json(marker, self._marker(unit))
+            adopted.append(unit)
+        return adopted, refused
+
+    def adopted_units(self) -> list[str]:
+        """The done units copied in by :meth:`adopt` (their markers say from where)."""
+        return [u for u in self.units() if "adopted_from" in self._kind(u)]
+
     def require(self, *units: str) -> None:
         """Raise :class:`MissingResultError` naming every unit in ``units`` that is not done."""
         missing = [u for u in units if not self.done(u)]
@@ -444,7 +502,7 @@ class Store:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": round(time.perf_counter() - self._opened, 3), **peak,
             "units_reused": self.reused, "units_computed": self.computed,
-            "unit_commits": self.unit_commits(), **extra,
+            "unit_commits": self.unit_commits(), "units_adopted": self.adopted_units(), **extra,
         }
         path = self.dir / "provenance.json"
         write_json(payload, path)

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -226,6 +227,10 @@ class Config(ExperimentConfig):
     def seeds(self) -> tuple[int, ...]:
         return tuple(range(self.seed, self.seed + self.n_seeds))
 
+    def unit_identity(self, unit: str) -> dict[str, Any]:
+        """A unit depends on its own family's fields only (see :func:`_unit_identity`)."""
+        return _unit_identity(self, unit)
+
     def examples(self, family: str) -> int:
         """N of a family's kernels."""
         return {"minilm": self.n_examples, "smollm2": self.smollm2_examples}.get(family, self.sweep_examples)
@@ -236,6 +241,29 @@ class Config(ExperimentConfig):
 
     def variants(self, family: str) -> tuple[str, ...]:
         return {"minilm": self.minilm_variants, "smollm2": self.smollm2_variants}.get(family, ("random",))
+
+
+_OWN_FIELDS = {
+    "minilm": ("n_examples",),
+    "smollm2": ("smollm2_examples",),
+    "mlp": ("mlp_depth", "mlp_input_dim", "sweep_examples"),
+    "transformer": ("transformer_layers", "sweep_examples"),
+}
+"""Fields that only the units of one family read (the other families' units ignore them)."""
+_PLAN_FIELDS = ("n_seeds", "minilm_variants", "smollm2_variants", "smollm2_seeds", "mlp_widths",
+                "transformer_widths", "sweep_seeds")
+"""Fields that say which units exist; a unit's name holds its own variant, width and seed."""
+
+
+def _unit_identity(config: Config, unit: str) -> dict[str, Any]:
+    """:meth:`Config.unit_identity`: the identity without the plan fields and the fields other
+    families own (``unit``: ``metrics/``, ``counts/`` or ``kernels/`` + a :class:`Unit` name)."""
+    family = unit.rsplit("/", 1)[-1].split("-", 1)[0]
+    if family not in _OWN_FIELDS:
+        return config.identity()
+    foreign = {f for fam, fields in _OWN_FIELDS.items() if fam != family for f in fields}
+    drop = (foreign - set(_OWN_FIELDS[family])) | set(_PLAN_FIELDS)
+    return {k: v for k, v in config.identity().items() if k not in drop}
 
 
 PRESETS: dict[str, Config] = {
