@@ -18,6 +18,16 @@ def _raw(finetuned: list[float], kernel: list[float]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+class _Tuned:
+    """A store holding only the tuning choice: Propulsion's rate at the top of its grid."""
+
+    def load_table(self, unit: str) -> pd.DataFrame:
+        assert unit == "tuning/choice"
+        return pd.DataFrame({"key": ["full", "full", "propulsion", "propulsion"],
+                             "lr": [0.01, 0.03, 0.03, 0.1], "best_val_accuracy": [0.77, 0.75, 0.68, 0.71],
+                             "status": "finished", "chosen": [True, False, False, True]})
+
+
 @pytest.mark.parametrize(
     ("finetuned", "kernel", "verdict", "decided"),
     [
@@ -29,6 +39,7 @@ def _raw(finetuned: list[float], kernel: list[float]) -> pd.DataFrame:
 )
 def test_gate_is_named_when_fine_tuning_did_not_learn(monkeypatch, finetuned, kernel, verdict, decided):
     monkeypatch.setattr(e6, "comparison", lambda store, config: _raw(finetuned, kernel))
-    (v,) = e6.verdicts(None, e6.Config())
+    (v,) = e6.verdicts(_Tuned(), e6.Config())
     assert v.verdict == verdict
     assert v.decided_by.startswith(decided), v.decided_by
+    assert "propulsion: 0.03 (0.680), [0.1 (0.710)] (chosen at the upper edge" in v.measurement

@@ -215,7 +215,10 @@ def test_e6_verdict_needs_a_run_that_learned(tuned, kernel, expected, monkeypatc
     table = pd.DataFrame(rows)
     table["gap"] = (table["kernel_accuracy"] - table["finetuned_accuracy"]).abs()
     monkeypatch.setattr(e6, "comparison", lambda store, cfg: table)
-    [verdict] = e6.verdicts(None, config)
+    tuning = pd.DataFrame({"key": ["full", "propulsion"], "lr": [1e-2, 1e-1], "best_val_accuracy": [0.7, 0.7],
+                           "status": "finished", "chosen": True})
+    store = type("TuningOnly", (), {"load_table": lambda self, unit: tuning})()
+    [verdict] = e6.verdicts(store, config)
     assert verdict.verdict == expected and verdict.n == 3
     assert "NTK (matches SGD)" in verdict.measurement
 

@@ -507,7 +507,8 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
             f"{config.model} on {config.dataset}; Propulsion's fine-tuned accuracy {tuned} (the gap "
             f"counts only if its lower bound is >= {config.support_min_accuracy:g}, else: inconclusive)"
             f"{size}; "
-            f"other methods: {others or 'none'}"
+            f"other methods: {others or 'none'}; rates (best validation accuracy of the tuning "
+            f"draw): {_tuning.grid_text(store.load_table('tuning/choice'))}"
         ),
         interval=gap,
         what="accuracy gap",
