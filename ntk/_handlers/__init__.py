@@ -24,6 +24,10 @@ One handler per file (notation in :mod:`ntk._handlers.base`):
   ``sum_{t,t'} <g_t, g'_t'> [id_t == id'_t']`` over tokens that are not ``padding_idx``.
 - :mod:`~ntk._handlers.layernorm`: ``nn.LayerNorm`` (weight, bias): per-example gradients
   ``sum_t g_t * xhat_t`` and ``sum_t g_t``, then dot products.
+- :mod:`~ntk._handlers.scale`: any other module whose only own parameter is a vector ``weight``
+  (RMSNorm and kin) and which is affine in it, ``h = a(x) + weight * u(x)``: per-example
+  gradients ``sum_t g_t * u_t``, with ``a`` and ``u`` from the module's own forward at weights
+  0 and 1 (checked at a third, random weight; otherwise the fallback).
 - :mod:`~ntk._handlers.fallback`: any other module owning selected parameters: per-example
   vector-Jacobian products of that module alone, then dot products.
 
@@ -53,6 +57,7 @@ from ntk._handlers.fallback import FallbackHandler
 from ntk._handlers.layernorm import LayerNormHandler
 from ntk._handlers.linear import LinearHandler, linear_costs
 from ntk._handlers.propulsion import PropulsionHandler
+from ntk._handlers.scale import ScaleHandler, is_scale_candidate
 from ntk._handlers.shared_input import SharedInputHandler
 from propulsion.layer import PropulsionLayer
 
@@ -69,6 +74,7 @@ __all__ = [
     "LayerNormHandler",
     "LinearHandler",
     "PropulsionHandler",
+    "ScaleHandler",
     "SharedInputHandler",
     "StructuredError",
     "VectorHandler",
@@ -88,6 +94,7 @@ HANDLERS: dict[type[nn.Module], Handler] = {
 """Module type -> handler; a module takes the handler of the first type in its MRO."""
 
 FALLBACK = FallbackHandler()
+SCALE = ScaleHandler()
 
 
 def register_handler(module_type: type[nn.Module], handler: Handler) -> None:
@@ -97,7 +104,8 @@ def register_handler(module_type: type[nn.Module], handler: Handler) -> None:
 
 def handler_for(module: nn.Module) -> Handler | None:
     """The handler registered for the module's exact type, or for the first type in its MRO
-    whose ``forward`` the module still runs unchanged (None: the generic fallback).
+    whose ``forward`` the module still runs unchanged, else :class:`ScaleHandler` for a module
+    whose only own parameter is a vector ``weight`` (None: the generic fallback).
 
     A subclass that overrides ``forward`` (transformers' scaled embeddings multiply by
     ``embed_scale``; BART's positional embedding takes positions, not token ids) computes
@@ -108,5 +116,7 @@ def handler_for(module: nn.Module) -> Handler | None:
         return HANDLERS[cls]
     for base in cls.__mro__[1:]:
         if base in HANDLERS:
-            return HANDLERS[base] if cls.forward is base.forward else None
-    return None
+            if cls.forward is base.forward:
+                return HANDLERS[base]
+            break
+    return SCALE if is_scale_candidate(module) else None
