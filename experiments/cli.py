@@ -170,7 +170,10 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         print(f"{len(refused)} unit(s) not adopted (their results depend on fields that differ):")
         for unit, fields in refused.items():
             print(f"  {unit}: {', '.join(fields)}")
-    print(f"compute the rest with `propulsion-ntk run {store.name} --preset {args.preset} --out {args.out}`")
+    extra = (f" --seed {args.seed}" if args.seed is not None else "") + (
+        " --set " + " ".join(args.set) if args.set else "")
+    print(f"compute the rest with `propulsion-ntk run {store.name} --preset {args.preset}{extra} "
+          f"--out {args.out}`")
     return 0
 
 

@@ -90,6 +90,7 @@ def test_cli_adopts_then_run_computes_only_the_rest(tmp_path, capsys, monkeypatc
                      "--out", str(tmp_path / "new"), "--set", *sets, "mlp_widths=4,8,16"]) == 0
     out = capsys.readouterr().out
     assert "8 unit(s) adopted" in out  # metrics and counts of w4 and w8, two seeds
+    assert "--set minilm_variants= " in out and "mlp_widths=4,8,16 --out" in out  # the hint repeats --set
     calls: list[str] = []
     real = E.compute_unit
     monkeypatch.setattr(E, "compute_unit", lambda unit, cfg: calls.append(unit.name) or real(unit, cfg))
