@@ -28,6 +28,9 @@ One handler per file (notation in :mod:`ntk._handlers.base`):
   (RMSNorm and kin) and which is affine in it, ``h = a(x) + weight * u(x)``: per-example
   gradients ``sum_t g_t * u_t``, with ``a`` and ``u`` from the module's own forward at weights
   0 and 1 (checked at a third, random weight; otherwise the fallback).
+- :mod:`~ntk._handlers.ia3`: peft's IA3 layers on ``nn.Linear`` (the vector ``s`` in
+  ``ia3_l``): per-example gradients ``sum_t g_t * (W x_t + b)`` (output scaling) or
+  ``sum_t (W^T g_t) * x_t`` (feed-forward, input scaling) from the captured input.
 - :mod:`~ntk._handlers.fallback`: any other module owning selected parameters: per-example
   vector-Jacobian products of that module alone, then dot products.
 
@@ -54,6 +57,7 @@ from ntk._handlers.base import (
 )
 from ntk._handlers.embedding import EmbeddingHandler
 from ntk._handlers.fallback import FallbackHandler
+from ntk._handlers.ia3 import IA3Handler, is_ia3_linear
 from ntk._handlers.layernorm import LayerNormHandler
 from ntk._handlers.linear import LinearHandler, linear_costs
 from ntk._handlers.propulsion import PropulsionHandler
@@ -71,6 +75,7 @@ __all__ = [
     "EmbeddingHandler",
     "FallbackHandler",
     "Handler",
+    "IA3Handler",
     "LayerNormHandler",
     "LinearHandler",
     "PropulsionHandler",
@@ -95,6 +100,7 @@ HANDLERS: dict[type[nn.Module], Handler] = {
 
 FALLBACK = FallbackHandler()
 SCALE = ScaleHandler()
+IA3 = IA3Handler()
 
 
 def register_handler(module_type: type[nn.Module], handler: Handler) -> None:
@@ -104,8 +110,9 @@ def register_handler(module_type: type[nn.Module], handler: Handler) -> None:
 
 def handler_for(module: nn.Module) -> Handler | None:
     """The handler registered for the module's exact type, or for the first type in its MRO
-    whose ``forward`` the module still runs unchanged, else :class:`ScaleHandler` for a module
-    whose only own parameter is a vector ``weight`` (None: the generic fallback).
+    whose ``forward`` the module still runs unchanged, else :class:`IA3Handler` for peft's IA3
+    layers on ``nn.Linear`` and :class:`ScaleHandler` for a module whose only own parameter is a
+    vector ``weight`` (None: the generic fallback).
 
     A subclass that overrides ``forward`` (transformers' scaled embeddings multiply by
     ``embed_scale``; BART's positional embedding takes positions, not token ids) computes
@@ -119,4 +126,6 @@ def handler_for(module: nn.Module) -> Handler | None:
             if cls.forward is base.forward:
                 return HANDLERS[base]
             break
+    if is_ia3_linear(module):
+        return IA3
     return SCALE if is_scale_candidate(module) else None

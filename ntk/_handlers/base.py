@@ -213,6 +213,8 @@ def batched_vjp(out: torch.Tensor, inputs: list[torch.Tensor],
     Tries one backward batched over the C cotangents (``is_grads_batched=True``, a vmap over
     the backward); if an operation has no batching rule, falls back to C backward passes.
     """
+    if not out.requires_grad:  # the output does not depend on the inputs (e.g. a disabled adapter)
+        return [torch.zeros((grads.shape[0], *t.shape), dtype=t.dtype, device=t.device) for t in inputs]
     try:
         res = torch.autograd.grad(out, inputs, grad_outputs=grads, is_grads_batched=True,
                                   retain_graph=True, allow_unused=True)
