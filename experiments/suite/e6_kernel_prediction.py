@@ -436,7 +436,8 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
         ax.set_xticks(x, table.index, rotation=30, ha="right")
         ax.set(
             ylabel="test accuracy",
-            ylim=(0, 1),
+            ylim=(0, 1.25),  # headroom: the legend sits above the bars and their intervals
+            yticks=np.arange(0, 1.01, 0.2),
             title=f"{config.shots} shots/class, {config.n_test} test, mean and 95% interval over "
             f"{len(config.seeds)} draws",
         )
@@ -455,6 +456,8 @@ def figures(store: Store, fig_dir: Path) -> list[Path]:
                 Patch(facecolor="grey", label=f"fine-tuned ({config.optimizer}), right"),
             ],
             fontsize="x-small",
+            loc="upper center",
+            ncol=2,
             title="bar colour: method",
             title_fontsize="x-small",
         )
