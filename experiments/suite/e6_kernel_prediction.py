@@ -482,7 +482,8 @@ def verdicts(store: Store, config: Config) -> list[Verdict]:
         near = config.support_max_gap if gap.estimate <= config.support_max_gap else config.refute_min_gap
         between = config.support_max_gap < gap.estimate <= config.refute_min_gap
         size = (
-            "; the mean gap lies between the thresholds: no number of draws decides it"
+            "; the mean gap lies between the thresholds: more draws would narrow the interval "
+            "around it, so they decide only if the mean moves"
             if between
             else f"; at this spread about {seeds_to_decide(gaps, near)} draws would decide"
         )
