@@ -250,9 +250,11 @@ _OWN_FIELDS = {
     "transformer": ("transformer_layers", "sweep_examples"),
 }
 """Fields that only the units of one family read (the other families' units ignore them)."""
-_PLAN_FIELDS = ("n_seeds", "minilm_variants", "smollm2_variants", "smollm2_seeds", "mlp_widths",
+_PLAN_FIELDS = ("seed", "n_seeds", "minilm_variants", "smollm2_variants", "smollm2_seeds", "mlp_widths",
                 "transformer_widths", "sweep_seeds")
-"""Fields that say which units exist; a unit's name holds its own variant, width and seed."""
+"""Fields that say which units exist; a unit's name holds its own variant, width and seed (a unit
+reads its seed from its name, never ``config.seed``, so a run with ``--seed 3 --set
+smollm2_seeds=2`` computes units that adopt into the run of seeds 0-4)."""
 
 
 def _unit_identity(config: Config, unit: str) -> dict[str, Any]:
