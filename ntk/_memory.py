@@ -40,6 +40,7 @@ __all__ = [
     "Plan",
     "Profile",
     "StructuredTiles",
+    "block_pairs",
     "default_budget",
     "pair_counts",
     "plan",
@@ -160,6 +161,29 @@ def tile_pairs(
     cols = [(s, min(s + tile, n2)) for s in range(0, n2, tile)]
     rows = [(s, min(s + tile, n1)) for s in range(0, n1, tile)]
     return [(c, [r for r in rows if not symmetric or r[0] < c[1]]) for c in cols]
+
+
+def block_pairs(n1: int, n2: int, tile: int, symmetric: bool, rows_per_block: int
+                ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The pairs ``(column range, row range)`` of :func:`tile_pairs`, ordered for a cache that
+    holds ``rows_per_block`` row tiles and one column tile.
+
+    The row tiles go in blocks of ``rows_per_block``; each block meets every column it needs,
+    in order. A block's tiles are captured once and each column tile once per block, so a
+    kernel of ``m`` tiles a side needs about ``m + m^2 / (2 b)`` captures (symmetric) with
+    blocks of ``b`` tiles, where holding the last few tiles used needs about ``m^2 / 2``.
+    """
+    if rows_per_block < 1:
+        raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
+    m1, m2 = -(-n1 // tile), -(-n2 // tile)
+    rows = [(s * tile, min((s + 1) * tile, n1)) for s in range(m1)]
+    cols = [(s * tile, min((s + 1) * tile, n2)) for s in range(m2)]
+    out = []
+    for b in range(0, m1, rows_per_block):
+        for j in range(b if symmetric else 0, m2):
+            last = min(b + rows_per_block, m1, j + 1) if symmetric else min(b + rows_per_block, m1)
+            out += [(cols[j], rows[i]) for i in range(b, last)]
+    return out
 
 
 def pair_counts(n1: int, n2: int, tile: int, symmetric: bool) -> tuple[int, int, int]:
@@ -339,7 +363,8 @@ def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: s
     capture's graph. The kernels take ``n1 n2 q acc_bytes (n_blocks + 1)`` bytes (``q`` = C^2,
     C or 1 by layout); contraction intermediates are chunked to :data:`CHUNK_ELEMENTS` entries
     (three such chunks). Two tiles take half the room left; all tiles' features are kept when
-    they fit in the other half.
+    they fit in the other half, otherwise as many as fit in the room beside one capture's graph
+    (``kept``: a block of ``kept - 1`` row tiles and one column tile, see :func:`block_pairs`).
 
     Raises:
         KernelTooLargeError: even one example per tile does not fit the budget.
@@ -363,8 +388,9 @@ def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: s
         tile = min(tile, max_tile)
     examples = n1 + (0 if symmetric else n2)
     keep_all = features_pe * examples <= room / 2
-    # Otherwise as many tiles' features as fit in that half are kept (at least the pair's two).
-    kept = max(2, int(room / 2 // max(1.0, tile * features_pe)))
+    # Otherwise as many tiles' features as the room holds beside one capture's graph (at least
+    # the pair's two): a block of kept - 1 row tiles and one column tile (:func:`block_pairs`).
+    kept = max(2, int(room // max(1.0, tile * features_pe)) - 1)
     # At a capture: the graph of the tile captured, and the features held: every tile's (that
     # one's included) when all are kept, else the kept - 1 others and the new one.
     held = features_pe * (examples if keep_all else kept * tile)

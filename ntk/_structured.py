@@ -36,7 +36,8 @@ its findings (:mod:`ntk._probe_cache`).
 Memory: a probe tile measures the bytes of features per example; tiles are sized by
 :func:`ntk._memory.structured_tiles` so that two tiles' features and the contraction chunks
 fit the budget; features of all tiles are kept when they fit in half the budget, otherwise
-tiles are re-captured when needed.
+the row tiles go in blocks that stay in memory while the column tiles they meet pass by, each
+column tile captured again once per block (:func:`ntk._memory.block_pairs`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from ntk._handlers import (
     handler_for,
 )
 from ntk._inputs import Inputs, call_model, example_counts, select, take, to_device
-from ntk._memory import default_budget, structured_tiles, tile_pairs
+from ntk._memory import block_pairs, default_budget, structured_tiles
 from ntk._params import ParamSelector, select_parameters
 from ntk._probe_cache import Probe, probe_key, recall, remember
 from ntk._problem import (
@@ -654,14 +655,20 @@ def structured_kernels(
         total_tiles = -(-n1 // tile) + (0 if symmetric else -(-n2 // tile))
         cache: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()
         capacity = total_tiles if keep_all else tiles.kept
+        # Row tiles in blocks that stay in memory while the columns they meet pass by once.
+        per_block = -(-n1 // tile) if keep_all else capacity - 1
+        pinned: set[tuple[int, int]] = set()
 
         def get(which: int, rng: tuple[int, int]) -> list[Any]:
             key = (which, rng[0])
             if key in cache:
                 cache.move_to_end(key)
                 return cache[key]
-            while len(cache) >= capacity:
-                cache.popitem(last=False)
+            while len(cache) >= capacity:  # the least recently used tile outside the block
+                victim = next((k for k in cache if k not in pinned), None)
+                if victim is None:  # pragma: no cover - capacity exceeds the block by one
+                    break
+                del cache[victim]
             cache[key] = features(which, *rng)
             return cache[key]
 
@@ -692,16 +699,17 @@ def structured_kernels(
             for s, names in sets.items()
         }
         t_capture_start = time.perf_counter() - started
-        # Rows in snake order (down one column, up the next): the tiles used last in a column
-        # are the first of the next, so a cache of the last few tiles saves their re-capture.
-        pairs = [(c, r) for j, (c, rows) in enumerate(tile_pairs(n1, n2, tile, symmetric))
-                 for r in (rows if j % 2 == 0 else rows[::-1])]
+        pairs = block_pairs(n1, n2, tile, symmetric, per_block)
+        block_rows, b0 = tile * per_block, -1 - tile * per_block
         bar = _progress(len(pairs), progress)
         clock, cpu = time.perf_counter, time.process_time
         t_capture = t_contract = cpu_capture = cpu_contract = 0.0
         captures_before = captures[0]
         for (c0, c1), (r0, r1) in pairs:
             t0, u0 = clock(), cpu()
+            if not b0 <= r0 < b0 + block_rows:  # a new block of rows
+                b0 = r0 // block_rows * block_rows
+                pinned = {(1, s) for s in range(b0, min(b0 + block_rows, n1), tile)}
             frow = get(1, (r0, r1))
             fcol = get(1 if symmetric else 2, (c0, c1))
             t1, u1 = clock(), cpu()

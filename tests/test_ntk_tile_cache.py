@@ -1,5 +1,5 @@
-"""The structured engine's tile cache when not every tile's features fit: rows in snake order
-and the kept tiles save re-captures, without changing a single entry of the kernel."""
+"""The structured engine's tile cache when not every tile's features fit: blocks of row tiles
+stay while the column tiles pass by, saving re-captures without changing a single entry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import ntk._structured as structured
-from ntk._memory import StructuredTiles, structured_tiles
+from ntk._memory import StructuredTiles, block_pairs, structured_tiles, tile_pairs
 from ntk.reference import reference_ntk
 
 
@@ -32,11 +32,31 @@ def test_kept_tiles_give_the_same_kernel_with_fewer_captures(monkeypatch, symmet
         torch.testing.assert_close(kernels[kept], want, rtol=1e-10, atol=1e-12)
     assert torch.equal(kernels[2], kernels[4])  # every block computed once, whatever the order
     assert captures[4] < captures[2]
+    # 6 row tiles of 11 examples in blocks of kept - 1: each row tile captured once, and each
+    # column tile at most once per block that meets it (at most, as the last one may stay)
+    if symmetric:  # blocks of 1 meet 5 + 4 + ... + 0 later tiles; blocks {0, 1, 2}, {3, 4, 5}: 3, 0
+        assert 6 + 3 - 1 <= captures[4] <= 6 + 3 and captures[2] <= 6 + 15
+    else:  # x2 has 5 tiles, met by each block
+        assert captures[4] <= 6 + 2 * 5 and captures[2] <= 6 + 6 * 5
+
+
+@pytest.mark.parametrize("n1,n2,tile,symmetric,per_block",
+                         [(11, 11, 2, True, 1), (11, 11, 2, True, 3), (11, 9, 2, False, 4),
+                          (64, 64, 5, True, 7), (7, 7, 7, True, 1), (30, 30, 1, True, 30)])
+def test_block_pairs_cover_every_pair_once(n1, n2, tile, symmetric, per_block):
+    want = sorted((c, r) for c, rows in tile_pairs(n1, n2, tile, symmetric) for r in rows)
+    got = block_pairs(n1, n2, tile, symmetric, per_block)
+    assert sorted(got) == want and len(set(got)) == len(got)
+    blocks = [r[0] // (tile * per_block) for _, r in got]
+    assert blocks == sorted(blocks)  # block after block: a block's rows stay while it runs
+    with pytest.raises(ValueError, match="rows_per_block"):
+        block_pairs(n1, n2, tile, symmetric, 0)
 
 
 def test_kept_tiles_and_peak_estimate_follow_the_room():
-    """Tiles whose features do not all fit keep as many as half the room holds (at least 2),
-    and the peak estimate counts those, one capture's graph, the kernels and the chunks."""
+    """Tiles whose features do not all fit keep as many as the room holds beside one capture's
+    graph (at least 2), and the peak estimate counts those, that graph, the kernels and the
+    chunks."""
     mib = 2**20
     t = structured_tiles(10 * mib, 4000, 4000, 2, "trace", 4, 1, 6 * 2**30, True, None)
     assert not t.keep_all and t.kept >= 2
