@@ -257,14 +257,20 @@ reads its seed from its name, never ``config.seed``, so a run with ``--seed 3 --
 smollm2_seeds=2`` computes units that adopt into the run of seeds 0-4)."""
 
 
+_HOW_FIELDS = ("memory_gib",)
+"""Fields that say how to compute, not what: the memory budget sets the tiles, and every kernel
+entry is summed within one tile pair whatever the tiles (as ``device``, left out of every identity)."""
+
+
 def _unit_identity(config: Config, unit: str) -> dict[str, Any]:
-    """:meth:`Config.unit_identity`: the identity without the plan fields and the fields other
-    families own (``unit``: ``metrics/``, ``counts/`` or ``kernels/`` + a :class:`Unit` name)."""
+    """:meth:`Config.unit_identity`: the identity without the plan fields, the fields other
+    families own and :data:`_HOW_FIELDS` (``unit``: ``metrics/``, ``counts/`` or ``kernels/`` + a
+    :class:`Unit` name)."""
     family = unit.rsplit("/", 1)[-1].split("-", 1)[0]
     if family not in _OWN_FIELDS:
         return config.identity()
     foreign = {f for fam, fields in _OWN_FIELDS.items() if fam != family for f in fields}
-    drop = (foreign - set(_OWN_FIELDS[family])) | set(_PLAN_FIELDS)
+    drop = (foreign - set(_OWN_FIELDS[family])) | set(_PLAN_FIELDS) | set(_HOW_FIELDS)
     return {k: v for k, v in config.identity().items() if k not in drop}
 
 
