@@ -343,8 +343,8 @@ def plan(
 @dataclass(frozen=True)
 class StructuredTiles:
     """The structured engine's tiling: ``tile`` examples per tile; ``keep_all``: the features
-    of every tile stay in memory (otherwise the features of the ``kept`` most recently used
-    tiles stay, and the others are re-captured when needed); ``peak_bytes``:
+    of every tile stay in memory (otherwise those of ``kept`` tiles: a block of ``kept - 1`` row
+    tiles and the column tile passing by, see :func:`block_pairs`); ``peak_bytes``:
     the estimated peak of the engine's working memory (kernels, features, one capture's graph,
     contraction chunks; the model and its inputs not counted)."""
 
