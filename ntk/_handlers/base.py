@@ -27,6 +27,7 @@ __all__ = [
     "StructuredError",
     "VectorHandler",
     "batched_vjp",
+    "close_to",
     "dot",
 ]
 
@@ -115,6 +116,14 @@ def _grads(calls: list[Call], n: int, features: int, dtype: torch.dtype, module:
         parts.append(_tokens(g.flatten(0, 1), c * n, features, "back-signal", module)
                      .view(c, n, -1, features).to(dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def close_to(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal within a few units of rounding of ``got``'s dtype, relative to the largest entry of
+    ``want`` (how handlers check that a module computes the formula they assume)."""
+    eps = torch.finfo(got.dtype).eps if got.is_floating_point() else 0.0
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return bool(((got - want).abs() <= 64 * eps * (scale + 1e-300)).all())
 
 
 def _arg(call: Call, name: str) -> Any:
@@ -213,14 +222,16 @@ def batched_vjp(out: torch.Tensor, inputs: list[torch.Tensor],
     Tries one backward batched over the C cotangents (``is_grads_batched=True``, a vmap over
     the backward); if an operation has no batching rule, falls back to C backward passes.
     """
-    if not out.requires_grad:  # the output does not depend on the inputs (e.g. a disabled adapter)
-        return [torch.zeros((grads.shape[0], *t.shape), dtype=t.dtype, device=t.device) for t in inputs]
+    res: tuple[torch.Tensor | None, ...]
     try:
-        res = torch.autograd.grad(out, inputs, grad_outputs=grads, is_grads_batched=True,
-                                  retain_graph=True, allow_unused=True)
+        if not out.requires_grad:  # no input reaches the output (e.g. a disabled adapter): zeros
+            res = (None,) * len(inputs)
+        else:
+            res = torch.autograd.grad(out, inputs, grad_outputs=grads, is_grads_batched=True,
+                                      retain_graph=True, allow_unused=True)
     except (RuntimeError, NotImplementedError):
         res = tuple(
-            torch.stack(parts) if parts[0] is not None else None  # type: ignore[misc]
+            torch.stack(parts) if parts[0] is not None else None
             for parts in zip(*[torch.autograd.grad(out, inputs, grad_outputs=g, retain_graph=True,
                                                    allow_unused=True) for g in grads], strict=True)
         )

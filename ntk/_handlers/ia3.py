@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ntk._handlers.base import VectorHandler, _arg, _grads, _tokens
+from ntk._handlers.base import VectorHandler, _arg, _grads, _tokens, close_to
 from ntk._handlers.fallback import FallbackHandler
 
 __all__ = ["IA3Handler", "is_ia3_linear"]
@@ -20,12 +20,6 @@ def is_ia3_linear(module: nn.Module) -> bool:
             and isinstance(getattr(module, "ia3_l", None), nn.ParameterDict)
             and type(getattr(module, "base_layer", None)) is nn.Linear
             and isinstance(getattr(module, "is_feedforward", None), bool))
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Equal within a few units of rounding of the dtype, relative to the largest entry."""
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    return bool(((got - want).abs() <= 64 * torch.finfo(got.dtype).eps * (scale + 1e-300)).all())
 
 
 class IA3Handler(VectorHandler):
@@ -67,7 +61,7 @@ class IA3Handler(VectorHandler):
                     u_full = base(x)
                     want = u_full * s
                     u = _tokens(u_full, n, d, "output", module).to(dtype)  # (n, T, d_out)
-                if not _close(call.output.detach(), want.to(call.output.dtype)):
+                if not close_to(call.output.detach(), want.to(call.output.dtype)):
                     return _FALLBACK.prepare(module, calls, n, names, dtype)
                 parts.append(u)
         u = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

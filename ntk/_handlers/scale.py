@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ntk._handlers.base import VectorHandler, _grads, _tokens
+from ntk._handlers.base import VectorHandler, _grads, _tokens, close_to
 from ntk._handlers.fallback import FallbackHandler
 
 __all__ = ["ScaleHandler", "is_scale_candidate"]
@@ -20,13 +20,6 @@ def is_scale_candidate(module: nn.Module) -> bool:
     ``(1 + weight)`` norm, ...): :class:`ScaleHandler` tries it before the generic fallback."""
     own = dict(module.named_parameters(recurse=False))
     return list(own) == ["weight"] and own["weight"].ndim == 1
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Equal within a few units of rounding of the output dtype, relative to the largest entry."""
-    eps = torch.finfo(got.dtype).eps if got.is_floating_point() else 0.0
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    return bool(((got - want).abs() <= 64 * eps * (scale + 1e-300)).all())
 
 
 class ScaleHandler(VectorHandler):
@@ -61,7 +54,7 @@ class ScaleHandler(VectorHandler):
                 a, one, at_probe = (functional_call(module, {"weight": w}, call.args, call.kwargs)
                                     for w in (torch.zeros_like(weight), torch.ones_like(weight), probe))
                 u = one - a
-                if not (_close(call.output.detach(), a + weight * u) and _close(at_probe, a + probe * u)):
+                if not (close_to(call.output.detach(), a + weight * u) and close_to(at_probe, a + probe * u)):
                     return _FALLBACK.prepare(module, calls, n, names, dtype)
                 us.append(_tokens(u, n, d, "output", module).to(dtype))
         u = us[0] if len(us) == 1 else torch.cat(us, dim=1)
