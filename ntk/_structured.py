@@ -78,7 +78,7 @@ from ntk._problem import (
     probe_forward,
     transpose_block,
 )
-from ntk._verify import check_finite
+from ntk._verify import PROJECTIONS, check_bytes, check_finite
 from ntk._verify import verify as check_kernels
 
 __all__ = ["Assignment", "Timings", "assign", "capture", "fuse_linears", "structured_kernels"]
@@ -98,7 +98,9 @@ class Timings:
             the process CPU seconds of the last two; verify_seconds, verify_cpu_seconds: the
             check of a few entries against whole gradients (:mod:`ntk._verify`);
             estimated_peak_bytes: the memory plan's estimate of the working memory at its
-            peak (kernels, features, a capture's graph; the model not counted).
+            peak (kernels, features, a capture's graph; the model not counted);
+            verify_bytes: the check's whole gradients at their peak, held after the tiles are
+            freed (:func:`ntk._verify.check_bytes`; 0 without the check).
     """
 
     tile: int
@@ -113,6 +115,7 @@ class Timings:
     verify_seconds: float = 0.0
     verify_cpu_seconds: float = 0.0
     estimated_peak_bytes: float = 0.0
+    verify_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -733,19 +736,27 @@ def structured_kernels(
             bar.update(1)
         bar.close()
         check_finite(results)
+        cache.clear()  # the check's whole gradients take the budget's room, not the tiles
         t_verify, u_verify = clock(), cpu()
+        verify_bytes = 0
         if verify:
             rows = sorted({0, n1 - 1})
             cols = rows if symmetric else sorted({0, n2 - 1})
+            points = len(rows) + (0 if symmetric else len(cols))
+            verify_bytes = check_bytes(points * min(n_out, PROJECTIONS),
+                                       sum(named[n].numel() * named[n].element_size()
+                                           for n in selected), budget)
             check_kernels(model, inputs[1], inputs.get(2), rows, cols, sets, results,
-                          lambda: full_blocks(rows, cols), n_out, layout, sum_logits, fn)
+                          lambda: full_blocks(rows, cols), n_out, layout, sum_logits, fn,
+                          room=budget)
         t_verify, u_verify = clock() - t_verify, cpu() - u_verify
         timings = Timings(tile=tile, tile_pairs=len(pairs),
                           captures=captures[0] - captures_before, keep_all=keep_all,
                           setup_seconds=t_capture_start, capture_seconds=t_capture,
                           contract_seconds=t_contract, capture_cpu_seconds=cpu_capture,
                           contract_cpu_seconds=cpu_contract, verify_seconds=t_verify,
-                          verify_cpu_seconds=u_verify, estimated_peak_bytes=tiles.peak_bytes)
+                          verify_cpu_seconds=u_verify, estimated_peak_bytes=tiles.peak_bytes,
+                          verify_bytes=verify_bytes)
     out: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {}
     for s, blocks in results.items():
         if sum_logits:

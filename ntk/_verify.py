@@ -55,7 +55,10 @@ Anything a handler does not describe fails: a weight also read outside its modul
 computing something else, an in-place change the engine missed, an argument sliced that was
 not batched, a tile-size dependence. Cost: one forward of the checked examples, R backward
 passes per checked example (R = min(C, 2), independent of C) and the dots of their gradients,
-plus, when C > R, one capture of the checked examples and their full blocks.
+plus, when C > R, one capture of the checked examples and their full blocks. Memory: the n = P R
+whole gradients (n x the selected parameters' bytes: 4.3 GB for SmolLM2-135M in float64) when
+they fit the memory budget, else a block of them at a time, the rest computed again beside it
+(up to n (n + 1) / 2 backward passes, two gradients in memory; :func:`check_bytes`).
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ from ntk._handlers import StructuredError
 from ntk._inputs import Inputs, call_model, select
 from ntk._problem import KernelOutputError, check_output
 
-__all__ = ["PROJECTIONS", "RTOL", "VerificationError", "check_finite", "projections", "verify"]
+__all__ = ["PROJECTIONS", "RTOL", "VerificationError", "check_bytes", "check_finite", "held", "projections",
+           "verify"]
 
 RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
 """Tolerance of an entry relative to its Cauchy-Schwarz bound, by the model's output dtype."""
@@ -110,49 +114,98 @@ def projections(c: int) -> torch.Tensor:
     return torch.randn(c, PROJECTIONS, generator=g, dtype=torch.float64)
 
 
-def _gradients(model: nn.Module, x: Inputs, examples: list[int], names: list[str],
-               fn: Callable[[Any], torch.Tensor], sum_logits: bool, u: torch.Tensor
-               ) -> dict[str, torch.Tensor]:
-    """``{name: (m, R, numel)}``: d (f(x_a) . u_r) / d theta for the m ``examples`` and the
-    columns of ``u`` (C, R), from one forward of those examples and one backward per (example,
-    projection)."""
-    theta = {k: v.detach() for k, v in model.named_parameters()}
-    for k in names:
-        theta[k] = theta[k].requires_grad_(True)
-    m, r = len(examples), u.shape[1]
-    with torch.enable_grad():
-        f = fn(call_model(model, theta, select(x, examples)))
-        check_output(f, m)
-        if sum_logits:
-            f = f.sum(-1, keepdim=True)
-        if not f.requires_grad:
-            return {k: torch.zeros(m, r, theta[k].numel(), dtype=f.dtype) for k in names}
-        params = [theta[k] for k in names]
-        flat = (f @ u.to(f)).reshape(-1)
-        # one backward per (example, projection): faster on CPU than one vmapped backward; each
-        # gradient is written into its row at once, so that no more than one is held twice
-        # (stacking them at the end held them all twice: 8.6 GB for SmolLM2's 135M parameters)
-        out = {k: torch.zeros(m * r, p.numel(), dtype=p.dtype, device=p.device)
-               for k, p in zip(names, params, strict=True)}
-        for i in range(m * r):
-            grads = torch.autograd.grad(flat[i], params, retain_graph=i + 1 < m * r, allow_unused=True)
-            for k, g in zip(names, grads, strict=True):
-                if g is not None:
-                    out[k][i] = g.reshape(-1)
-            del grads
-    return {k: v.view(m, r, -1) for k, v in out.items()}
+class _Gradients:
+    """Whole gradients ``h_r(p) = d (f(x_p) . u_r) / d theta`` of the parameters ``names`` at
+    the checked points, point-major (index ``p R + r``), one backward pass each, on demand: the
+    forwards of the points are kept (``parts``: (inputs, examples) of x1, then of x2), so that
+    a gradient dropped to save memory can be computed again."""
+
+    def __init__(self, model: nn.Module, parts: list[tuple[Inputs, list[int]]], names: list[str],
+                 fn: Callable[[Any], torch.Tensor], sum_logits: bool, u: torch.Tensor) -> None:
+        theta = {k: v.detach() for k, v in model.named_parameters()}
+        for k in names:
+            theta[k] = theta[k].requires_grad_(True)
+        self.params = [theta[k] for k in names]
+        self.r = u.shape[1]
+        self.points = sum(len(examples) for _, examples in parts)
+        self.bytes_each = sum(p.numel() * p.element_size() for p in self.params)
+        self.passes = 0
+        flats = []
+        with torch.enable_grad():
+            for x, examples in parts:
+                f = fn(call_model(model, theta, select(x, examples)))
+                check_output(f, len(examples))
+                if sum_logits:
+                    f = f.sum(-1, keepdim=True)
+                flat = (f @ u.to(f)).reshape(-1)
+                flats += [flat[i] if flat.requires_grad else None for i in range(flat.numel())]
+        self._outputs = flats
+        self.dtype = self.params[0].dtype if self.params else torch.float64
+
+    def __len__(self) -> int:
+        return len(self._outputs)
+
+    def __call__(self, i: int) -> list[torch.Tensor | None]:
+        """One flat gradient (or None: zero) per parameter of ``names``."""
+        out = self._outputs[i]
+        if out is None:
+            return [None] * len(self.params)
+        self.passes += 1
+        grads = torch.autograd.grad(out, self.params, retain_graph=True, allow_unused=True)
+        return [None if g is None else g.reshape(-1) for g in grads]
 
 
-def _dots(w: torch.Tensor) -> torch.Tensor:
-    """Dots (P, R, P, R) of gradients (P, R, numel), accumulated in float64 over pieces of
-    :data:`CHUNK` entries (each piece in the gradients' dtype, at least float32)."""
-    p, r, n = w.shape
-    work = torch.float64 if w.dtype == torch.float64 else torch.float32
-    d = torch.zeros(p * r, p * r, dtype=torch.float64, device=w.device)
-    for s0 in range(0, n, CHUNK):
-        b = w[..., s0:s0 + CHUNK].to(work).reshape(p * r, -1)
-        d += (b @ b.T).double()
-    return d.view(p, r, p, r).cpu()
+def _dot(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """``a . b`` in float64; below float64, pieces of :data:`CHUNK` entries in float32, summed
+    in float64."""
+    if a is None or b is None:
+        return torch.zeros((), dtype=torch.float64)
+    if a.dtype == torch.float64:
+        return (a @ b).cpu()
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for s0 in range(0, a.numel(), CHUNK):
+        total += (a[s0:s0 + CHUNK].float() @ b[s0:s0 + CHUNK].float()).double()
+    return total.cpu()
+
+
+def _dots(grads: _Gradients, names: list[str], room: float | None) -> dict[str, torch.Tensor]:
+    """``{name: (P, R, P, R)}``: the dots of the gradients, per parameter, in float64.
+
+    The gradients are held in blocks of ``b`` that fit in ``room`` bytes beside the one being
+    computed (:func:`held`); every gradient after a block is computed again while the block is
+    held, so that with ``n`` gradients there are ``n`` backward passes when all fit and at most
+    ``n (n + 1) / 2`` with ``b = 1``."""
+    n = len(grads)
+    d = torch.zeros(len(names), n, n, dtype=torch.float64)
+    b = held(n, grads.bytes_each, room)
+    for start in range(0, n, b):
+        block = [grads(i) for i in range(start, min(start + b, n))]
+        for i, gi in enumerate(block):
+            for j, gj in enumerate(block[:i + 1]):
+                for t, (x, y) in enumerate(zip(gi, gj, strict=True)):
+                    d[t, start + i, start + j] = d[t, start + j, start + i] = _dot(x, y)
+        for j in range(start + b, n):
+            gj = grads(j)
+            for i, gi in enumerate(block):
+                for t, (x, y) in enumerate(zip(gi, gj, strict=True)):
+                    d[t, start + i, j] = d[t, j, start + i] = _dot(x, y)
+            del gj
+        del block
+    p, r = grads.points, grads.r
+    return {k: d[t].view(p, r, p, r) for t, k in enumerate(names)}
+
+
+def held(n: int, bytes_each: int, room: float | None) -> int:
+    """Gradients held at once by :func:`_dots`: all ``n`` when ``room`` is None or they fit
+    beside one more, else as many as fit beside one more, at least one."""
+    if room is None or (n + 1) * bytes_each <= room:
+        return n
+    return max(1, min(n, int(room // max(bytes_each, 1)) - 1))
+
+
+def check_bytes(n: int, bytes_each: int, room: float | None) -> int:
+    """Peak bytes of the check's gradients: the block held and the one being computed."""
+    return min(n, held(n, bytes_each, room) + 1) * bytes_each
 
 
 def _entries(g1: list[torch.Tensor], g2: list[torch.Tensor], layout: str
@@ -197,14 +250,17 @@ def _norms(k: torch.Tensor) -> torch.Tensor:
 
 def verify(model: nn.Module, x1: Inputs, x2: Inputs | None, rows: list[int], cols: list[int],
            sets: Mapping[str, list[str]], results: Blocks, full: Callable[[], Blocks], c: int,
-           layout: str, sum_logits: bool, fn: Callable[[Any], torch.Tensor]) -> None:
+           layout: str, sum_logits: bool, fn: Callable[[Any], torch.Tensor],
+           room: float | None = None) -> None:
     """Check ``results`` (set -> {"total" or parameter name -> block (n1, n2, ...)}) at the
     examples ``rows`` of x1 and ``cols`` of x2 (with x2 None, ``cols`` are ``rows`` of x1) of a
     model with ``c`` outputs. ``full()`` gives the engine's full blocks (P, P, C, C), same keys,
     at the P checked points (``rows`` of x1, then ``cols`` of x2 when x2 is given); it is
     called only when ``U`` is not the identity (C > :data:`PROJECTIONS`): otherwise the
     gradients are those of every output, their dots are the exact full blocks, and (B) compares
-    the returned entries with them directly ((A) would compare them with themselves).
+    the returned entries with them directly ((A) would compare them with themselves). ``room``:
+    bytes the whole gradients may take (None: no limit); when they do not all fit, they are held
+    in blocks and the others computed again (:func:`_dots`).
 
     Raises:
         VerificationError: an entry is off by more than :data:`RTOL` of its bound; the message
@@ -213,15 +269,12 @@ def verify(model: nn.Module, x1: Inputs, x2: Inputs | None, rows: list[int], col
     names = list(dict.fromkeys(n for ns in sets.values() for n in ns))
     u = projections(c)
     exact = c <= PROJECTIONS
-    g = _gradients(model, x1, rows, names, fn, sum_logits, u)
-    points = [f"x1[{a}]" for a in rows]
-    if x2 is not None:
-        g2 = _gradients(model, x2, cols, names, fn, sum_logits, u)
-        g = {k: torch.cat([g[k], g2[k]]) for k in names}
-        points += [f"x2[{b}]" for b in cols]
-    rtol = RTOL.get(g[names[0]].dtype, 1e-4)
-    dots = {k: _dots(g[k]) for k in names}  # (P, R, P, R)
-    del g
+    parts = [(x1, rows)] if x2 is None else [(x1, rows), (x2, cols)]
+    points = [f"x1[{a}]" for a in rows] + ([] if x2 is None else [f"x2[{b}]" for b in cols])
+    grads = _Gradients(model, parts, names, fn, sum_logits, u)
+    rtol = RTOL.get(grads.dtype, 1e-4)
+    dots = _dots(grads, names, room)  # (P, R, P, R)
+    del grads
     second = [points.index(f"x{1 if x2 is None else 2}[{b}]") for b in cols]
     engine = None if exact else full()
     against = "whole gradients" if exact else "its full blocks"

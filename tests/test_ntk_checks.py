@@ -208,18 +208,56 @@ def test_self_check_takes_two_projections_whatever_c(monkeypatch):
     import ntk._verify as verify
 
     seen = []
-    real = verify._gradients
+    real = verify._Gradients
 
-    def gradients(*args):
-        out = real(*args)
-        seen.append(next(iter(out.values())).shape[:2])
-        return out
+    class Gradients(real):
+        def __init__(self, *args):
+            super().__init__(*args)
+            seen.append((self.points, self.r))
 
-    monkeypatch.setattr(verify, "_gradients", gradients)
+    monkeypatch.setattr(verify, "_Gradients", Gradients)
     for c in (1, 2, 10):
         model, x, _ = _c_outputs(c)
         ntk.structured_ntk(model, x, params="all", output="trace")
     assert seen == [(2, 1), (2, 2), (2, 2)]
+
+
+@pytest.mark.parametrize("two", [False, True], ids=["x2=None", "x2"])
+def test_self_check_holds_its_gradients_in_blocks_that_fit_and_computes_the_rest_again(two):
+    """With room for b gradients beside one more, the dots are those of all gradients held at
+    once (to rounding), from n + (backward passes again for each gradient after a block)."""
+    import ntk._verify as verify
+
+    model, x, x2 = _c_outputs(3)
+    parts = [(x, [0, 4])] + ([(x2, [0, 3])] if two else [])
+    names = [n for n, _ in model.named_parameters()]
+    whole = verify._Gradients(model, parts, names, lambda f: f, False, verify.projections(3))
+    n, size = len(whole), whole.bytes_each
+    want = verify._dots(whole, names, None)
+    assert whole.passes == n == (4 if two else 2) * 2
+    for b in range(1, n + 1):
+        room = (b + 1) * size if b < n else None
+        assert verify.held(n, size, room) == b
+        grads = verify._Gradients(model, parts, names, lambda f: f, False, verify.projections(3))
+        got = verify._dots(grads, names, room)
+        blocks = -(-n // b)
+        again = sum(n - min(n, (i + 1) * b) for i in range(blocks))
+        assert grads.passes == n + again, b
+        assert verify.check_bytes(n, size, room) == min(n, b + 1) * size
+        for k in names:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-13, atol=1e-15)
+
+
+def test_self_check_with_one_gradient_held_still_refuses_a_wrong_block(monkeypatch):
+    """Room for one gradient only: the right kernel passes, a block scaled by 1.001 fails."""
+    import ntk._verify as verify
+
+    monkeypatch.setattr(verify, "held", lambda n, size, room: 1)
+    model, x, _ = _c_outputs(2)
+    ntk.structured_ntk(model, x, params="all")
+    _patch_blocks(monkeypatch, lambda b, layout: 1.001 * b)
+    with pytest.raises(StructuredError, match="disagrees with whole per-example"):
+        ntk.structured_ntk(model, x, params="all")
 
 
 # -- the memory planner is cheap --------------------------------------------------------------------
