@@ -12,6 +12,7 @@ import pytest
 from experiments.cli import main as cli_main
 from experiments.records import DamagedFileError, read_json
 from experiments.suite import e1_kernel_similarity as E
+from experiments.suite import e6_kernel_prediction as E6
 from experiments.suite.base import ExperimentConfig, Store
 
 
@@ -102,3 +103,25 @@ def test_cli_adopts_then_run_computes_only_the_rest(tmp_path, capsys, monkeypatc
     assert sorted(calls) == ["mlp-random-w16-s0", "mlp-random-w16-s1"]
     store = Store.open_existing(tmp_path / "new", E.NAME, E.Config)
     assert len(store.adopted_units()) == 8 and len(store.units("metrics/")) == 6
+
+
+def test_e6_units_depend_on_the_rate_grids_only_where_a_rate_is_chosen():
+    """Widening Propulsion's grid keeps the tuning runs already made, every kernel unit and full
+    fine-tuning's runs; Propulsion's fine-tuning runs and the choice are computed again."""
+    base = E6.PRESETS["study"]
+    grids = dict(base.lr_grids)
+    wider = base.replace(lr_grids=tuple((m, (*g, 1e-1) if m.startswith("propulsion") else g)
+                                        for m, g in grids.items()))
+    same = ["tuning/full/lr=0.01", "tuning/propulsion/lr=0.03", "kernel/propulsion/seed1",
+            "finetune/full/seed2"]
+    changed = ["finetune/propulsion/seed0", "finetune/propulsion_frozen_head/seed2", "tuning/choice"]
+    for unit in same:
+        assert base.unit_identity(unit) == wider.unit_identity(unit), unit
+    for unit in changed:
+        assert base.unit_identity(unit) != wider.unit_identity(unit), unit
+    # draws are the plan; the choice also holds one rate per method, so it depends on methods
+    more = base.replace(seeds=(0, 1, 2, 3), methods=("full", "propulsion"))
+    assert base.unit_identity("finetune/full/seed0") == more.unit_identity("finetune/full/seed0")
+    assert base.unit_identity("tuning/choice") != more.unit_identity("tuning/choice")
+    for unit in [*same, *changed]:
+        assert base.unit_identity(unit) != base.replace(steps=301).unit_identity(unit), unit

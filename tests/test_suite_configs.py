@@ -27,7 +27,7 @@ PINNED = {
     ("e5_accuracy_cost", "quick"): "06d4ce10b8787bb099370c5a533cdfca47a010b1944060145581f03ad454a0a6",
     ("e5_accuracy_cost", "study"): "cac56f45b120c57cd56a369ea4a6ed622b10b4d8ec1f82a83eff7dfe28f7c686",
     ("e6_kernel_prediction", "quick"): "ed8d4c82851d866bfc7b6b69a6024aa8d648e840368113741b98eb6e552f9c2b",
-    ("e6_kernel_prediction", "study"): "6c1662a64e301e67642f1da428120b019210c8a07316753cc61611622976198e",
+    ("e6_kernel_prediction", "study"): "824891d8a9974bad7dc4be5acffd1b0650d85ad8e0f128e66c5efd7ae075e445",
     ("e7_parameter_counts", "quick"): "c152a21826ec2f38719fd74d36aeafbfc3b4d31f8625999a691bed1d1d78988b",
     ("e7_parameter_counts", "study"): "c152a21826ec2f38719fd74d36aeafbfc3b4d31f8625999a691bed1d1d78988b",
     ("e8_memory", "quick"): "997eedf20f75cc71ddcfaefdcaa3bec1bee43572331e31533d5a1d096838e6e6",
