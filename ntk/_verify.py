@@ -53,7 +53,7 @@ blocks, and the full blocks are compared with autograd through projections.
 
 Anything a handler does not describe fails: a weight also read outside its module, a subclass
 computing something else, an in-place change the engine missed, an argument sliced that was
-not batched, a tile-size dependence. Cost: one forward of the checked examples, R backward
+not batched, a tile-size dependence. Cost: one forward per checked example, R backward
 passes per checked example (R = min(C, 2), independent of C) and the dots of their gradients,
 plus, when C > R, one capture of the checked examples and their full blocks. Memory: the n = P R
 whole gradients (n x the selected parameters' bytes: 4.3 GB for SmolLM2-135M in float64) when
@@ -117,7 +117,7 @@ def projections(c: int) -> torch.Tensor:
 class _Gradients:
     """Whole gradients ``h_r(p) = d (f(x_p) . u_r) / d theta`` of the parameters ``names`` at
     the checked points, point-major (index ``p R + r``), one backward pass each, on demand: the
-    forwards of the points are kept (``parts``: (inputs, examples) of x1, then of x2), so that
+    forward of each point (alone, so that its backward passes walk one example's graph) is kept (``parts``: (inputs, examples) of x1, then of x2), so that
     a gradient dropped to save memory can be computed again."""
 
     def __init__(self, model: nn.Module, parts: list[tuple[Inputs, list[int]]], names: list[str],
@@ -131,14 +131,15 @@ class _Gradients:
         self.bytes_each = sum(p.numel() * p.element_size() for p in self.params)
         self.passes = 0
         flats = []
-        with torch.enable_grad():
+        with torch.enable_grad():  # one forward per point: a backward pass walks one example
             for x, examples in parts:
-                f = fn(call_model(model, theta, select(x, examples)))
-                check_output(f, len(examples))
-                if sum_logits:
-                    f = f.sum(-1, keepdim=True)
-                flat = (f @ u.to(f)).reshape(-1)
-                flats += [flat[i] if flat.requires_grad else None for i in range(flat.numel())]
+                for a in examples:
+                    f = fn(call_model(model, theta, select(x, [a])))
+                    check_output(f, 1)
+                    if sum_logits:
+                        f = f.sum(-1, keepdim=True)
+                    flat = (f @ u.to(f)).reshape(-1)
+                    flats += [flat[i] if flat.requires_grad else None for i in range(flat.numel())]
         self._outputs = flats
         self.dtype = self.params[0].dtype if self.params else torch.float64
 
