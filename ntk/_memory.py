@@ -356,20 +356,25 @@ class StructuredTiles:
 
 def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: str,
                      acc_bytes: int, n_blocks: int, budget: float, symmetric: bool,
-                     max_tile: int | None) -> StructuredTiles:
-    """Tile size of the structured engine from the measured feature bytes per example.
+                     max_tile: int | None, graph_pe: float | None = None) -> StructuredTiles:
+    """Tile size of the structured engine from the measured bytes per example.
 
-    Per example of a tile: its features ``features_pe`` and about as much again for the
-    capture's graph. The kernels take ``n1 n2 q acc_bytes (n_blocks + 1)`` bytes (``q`` = C^2,
-    C or 1 by layout); contraction intermediates are chunked to :data:`CHUNK_ELEMENTS` entries
-    (three such chunks). Two tiles take half the room left; all tiles' features are kept when
-    they fit in the other half, otherwise as many as fit in the room beside one capture's graph
-    (``kept``: a block of ``kept - 1`` row tiles and one column tile, see :func:`block_pairs`).
+    Per example of a tile: its features ``features_pe`` and, while it is captured, the graph
+    of the capture's forward ``graph_pe`` (the tensors saved for its backward, measured by the
+    probe; None: as much as the features). The graph need not scale with the features: with
+    few parameters selected (LoRA, IA3, Propulsion's z) the features are small but the graph
+    holds every activation after the first selected layer. The kernels take
+    ``n1 n2 q acc_bytes (n_blocks + 1)`` bytes (``q`` = C^2, C or 1 by layout); contraction
+    intermediates are chunked to :data:`CHUNK_ELEMENTS` entries (three such chunks). Two tiles
+    take half the room left; all tiles' features are kept when they fit in the other half,
+    otherwise as many as fit in the room beside one capture's graph (``kept``: a block of
+    ``kept - 1`` row tiles and one column tile, see :func:`block_pairs`).
 
     Raises:
         KernelTooLargeError: even one example per tile does not fit the budget.
     """
-    per_example = 2 * features_pe
+    graph_pe = features_pe if graph_pe is None else graph_pe
+    per_example = features_pe + graph_pe
     q = {"full": n_out * n_out, "diagonal": n_out, "trace": 1}[layout]
     kernel_bytes = n1 * n2 * q * acc_bytes * (n_blocks + 1)
     work = CHUNK_ELEMENTS * acc_bytes * 3
@@ -390,9 +395,9 @@ def structured_tiles(features_pe: float, n1: int, n2: int, n_out: int, layout: s
     keep_all = features_pe * examples <= room / 2
     # Otherwise as many tiles' features as the room holds beside one capture's graph (at least
     # the pair's two): a block of kept - 1 row tiles and one column tile (:func:`block_pairs`).
-    kept = max(2, int(room // max(1.0, tile * features_pe)) - 1)
+    kept = max(2, int((room - tile * graph_pe) // max(1.0, tile * features_pe)))
     # At a capture: the graph of the tile captured, and the features held: every tile's (that
     # one's included) when all are kept, else the kept - 1 others and the new one.
     held = features_pe * (examples if keep_all else kept * tile)
-    peak = kernel_bytes + work + held + tile * features_pe
+    peak = kernel_bytes + work + held + tile * graph_pe
     return StructuredTiles(tile, keep_all, peak, kept)

@@ -54,6 +54,8 @@ class Probe:
         clone: modules whose calls are copied (their input or output is changed in place).
         n_out: C, the number of outputs.
         features_per_example: bytes of a tile's features per example (the memory plan).
+        graph_per_example: bytes per example of the tensors a capture's forward saves for its
+            backward (the memory plan).
     """
 
     modes: dict[nn.Module, str]
@@ -61,6 +63,7 @@ class Probe:
     clone: frozenset[nn.Module]
     n_out: int
     features_per_example: float
+    graph_per_example: float
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class _ByPath:
     clone: frozenset[str]
     n_out: int
     features_per_example: float
+    graph_per_example: float
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Hashable, tuple[Any, _ByPath]]] = (
@@ -110,7 +114,7 @@ def recall(model: nn.Module, key: Hashable, fn: Callable[[Any], torch.Tensor]) -
     return Probe({modules[p]: r for p, r in found.modes.items()},
                  {modules[p]: flags for p, flags in found.batched.items()},
                  frozenset(modules[p] for p in found.clone), found.n_out,
-                 found.features_per_example)
+                 found.features_per_example, found.graph_per_example)
 
 
 def remember(model: nn.Module, key: Hashable, fn: Callable[[Any], torch.Tensor],
@@ -123,7 +127,7 @@ def remember(model: nn.Module, key: Hashable, fn: Callable[[Any], torch.Tensor],
         found = _ByPath({paths[m]: r for m, r in probe.modes.items()},
                         {paths[m]: flags for m, flags in probe.batched.items()},
                         frozenset(paths[m] for m in probe.clone), probe.n_out,
-                        probe.features_per_example)
+                        probe.features_per_example, probe.graph_per_example)
     except (TypeError, KeyError):  # no weak reference to fn, or a module outside the model
         return
     entries = _CACHE.setdefault(model, OrderedDict())

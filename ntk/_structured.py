@@ -273,6 +273,7 @@ def capture(
     modes: Mapping[nn.Module, str] | None = None,
     batched: Batched | None = None,
     clone: AbstractSet[nn.Module] | None = None,
+    saved: dict[int, int] | None = None,
 ) -> tuple[dict[nn.Module, list[Call]], torch.Tensor]:
     """One forward with hooks and one backward batched over outputs; see the module docstring.
 
@@ -289,6 +290,9 @@ def capture(
     are copies and the forward continues with a copy of the output, so in-place changes later
     in the forward reach neither the recorded values nor the back-signal (which is taken at
     the output before the change).
+
+    ``saved``: when given, filled with storage -> bytes of the tensors the forward saves for its
+    backward (the model's parameters and buffers left out), for the memory plan.
 
     Raises:
         InPlaceError: a recorded input or output of a module not in ``clone`` was changed in
@@ -336,8 +340,9 @@ def capture(
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in need]
     try:
         theta = {k: v.detach() for k, v in model.named_parameters()}
-        with torch.enable_grad():
+        with torch.enable_grad(), _saved_bytes(model, saved):
             f = output_fn(call_model(model, theta, x))
+        with torch.enable_grad():
             changed = list(dict.fromkeys(m for m, t, v in versions if t._version != v))
             if changed:
                 raise InPlaceError(changed)
@@ -368,6 +373,26 @@ def capture(
         for h in handles:
             h.remove()
     return calls, f.detach()
+
+
+def _saved_bytes(model: nn.Module, saved: dict[int, int] | None) -> contextlib.AbstractContextManager:
+    """Record into ``saved`` (storage address -> bytes) every tensor that autograd saves for
+    the backward, except the model's own parameters and buffers; nothing when ``saved`` is None."""
+    if saved is None:
+        return contextlib.nullcontext()
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # no plain storage (e.g. a wrapper subclass)
+            key, size = id(t), t.numel() * t.element_size()
+        if key not in own:
+            saved[key] = max(saved.get(key, 0), size)
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
 def _copy(v: Any) -> Any:
@@ -474,7 +499,8 @@ def _probe(
     """How unbatched hooked modules broadcast: the first rule whose hooked forward on the probe
     examples reproduces the plain forward ("expand", then "prepend"); which arguments are
     batched; which modules' calls must be copied because the forward changes them in place;
-    C; the bytes of ``prepare``'d features per example.
+    C; the bytes of ``prepare``'d features per example and of the capture's saved graph per
+    example.
 
     Raises:
         StructuredError: neither rule reproduces the model's outputs, or a selected parameter
@@ -494,9 +520,10 @@ def _probe(
             names = [type(m).__name__ for m in unbatched]
             modes = {m: rule for m in unbatched}
             for _ in range(len(hooked) + 1):
+                saved: dict[int, int] = {}
                 try:
                     calls, f = capture(model, assignments, x, n, fn, sum_logits, modes,
-                                       batched, clone)
+                                       batched, clone, saved)
                     break
                 except InPlaceError as err:
                     clone.update(err.modules)
@@ -509,7 +536,8 @@ def _probe(
         if f.shape == plain.shape and float((f - plain).abs().max()) <= 1e-6 * scale:
             _check_uncalled(model, assignments, calls, x, fn)
             features = max(1, _nbytes(prepare(calls, n))) / n
-            return Probe(modes, batched, frozenset(clone), int(f.shape[1]), features)
+            graph = sum(saved.values()) / n
+            return Probe(modes, batched, frozenset(clone), int(f.shape[1]), features, graph)
         errors.append(f"{rule or 'batched'}: outputs differ from the plain forward")
     raise StructuredError(
         "the structured engine could not reproduce the model's outputs with its hooks "
@@ -645,7 +673,7 @@ def structured_kernels(
             found = _probe(model, assignments, probe_x, probe_n, fn, sum_logits, prepare)
             remember(model, key, fn, found)
         probe: Probe = found
-        # Per example of a tile: its features and about as much again for the capture's graph.
+        # Per example of a tile: its features, and while it is captured its forward's graph.
         features_pe, n_out = probe.features_per_example, probe.n_out
         membership = {n: [s for s, names in sets.items() if n in names] for n in selected}
         if not per_layer:
@@ -653,7 +681,7 @@ def structured_kernels(
         n_blocks = sum(len(v) for v in sets.values()) if per_layer else len(sets)
         tiles = structured_tiles(features_pe, n1, n2, n_out, layout,
                                  torch.empty((), dtype=dtype).element_size(), n_blocks, budget,
-                                 symmetric, batch_size_)
+                                 symmetric, batch_size_, graph_pe=probe.graph_per_example)
         tile, keep_all = tiles.tile, tiles.keep_all
         total_tiles = -(-n1 // tile) + (0 if symmetric else -(-n2 // tile))
         cache: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()

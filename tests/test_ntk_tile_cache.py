@@ -64,3 +64,42 @@ def test_kept_tiles_and_peak_estimate_follow_the_room():
     assert t.peak_bytes >= (t.kept + 1) * t.tile * 10 * mib
     small = structured_tiles(10 * mib, 64, 64, 2, "trace", 4, 1, 6 * 2**30, True, None)
     assert small.keep_all and small.peak_bytes >= (64 + small.tile) * 10 * mib
+
+
+class _LateSelection(nn.Module):
+    """A wide network whose only selected parameter is the first layer's bias: its features are
+    tiny, but the capture's graph holds every activation after the first layer's output."""
+
+    def __init__(self, width: int = 512, depth: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(6, width)
+        self.body = nn.Sequential(*(nn.Sequential(nn.Linear(width, width), nn.Tanh())
+                                    for _ in range(depth)))
+        self.last = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.body(self.first(x)))
+
+
+def test_probe_measures_the_graph_and_the_plan_tiles_by_it():
+    """The probe counts the tensors a capture saves for its backward (the 16 Tanh outputs,
+    16 x 512 x 8 bytes per example, against the first bias's features, its C = 2 back-signals of
+    512 entries), and a budget with room for a few examples' graphs gets tiles of a few
+    examples, where the features alone would have asked for 32, with the same kernel as the
+    reference."""
+    from ntk._memory import CHUNK_ELEMENTS
+    from ntk._probe_cache import _CACHE
+
+    model, x = _LateSelection().double(), torch.randn(40, 6, dtype=torch.float64)
+    params = {"k": lambda name, _: name == "first.bias"}
+    budget = CHUNK_ELEMENTS * 8 * 3 + 40 * 40 * 8 * 2 + 2**21  # room: 2 MiB
+    out, timings = structured.structured_kernels(model, x, None, params, output="trace",
+                                                 memory_budget=budget)
+    probe = list(_CACHE[model].values())[-1][1]
+    assert probe.graph_per_example >= 16 * 512 * 8 >= 4 * probe.features_per_example
+    plan = [structured_tiles(probe.features_per_example, 40, 40, 2, "trace", 8, 1, budget, True,
+                             None, graph_pe=graph) for graph in (probe.graph_per_example, None)]
+    assert timings.tile == plan[0].tile <= 8 and plan[1].tile >= 32
+    want = reference_ntk(model, x, None, params=params["k"], output="trace")
+    torch.testing.assert_close(out["k"], want, rtol=1e-10, atol=1e-12)
