@@ -116,9 +116,10 @@ def projections(c: int) -> torch.Tensor:
 
 class _Gradients:
     """Whole gradients ``h_r(p) = d (f(x_p) . u_r) / d theta`` of the parameters ``names`` at
-    the checked points, point-major (index ``p R + r``), one backward pass each, on demand: the
-    forward of each point (alone, so that its backward passes walk one example's graph) is kept (``parts``: (inputs, examples) of x1, then of x2), so that
-    a gradient dropped to save memory can be computed again."""
+    the checked points, point-major (index ``p R + r``), one backward pass each, on demand. The
+    forward of each point (``parts``: (inputs, examples) of x1, then of x2) runs alone, so that
+    its backward passes walk one example's graph, and is kept, so that a gradient dropped to
+    save memory can be computed again."""
 
     def __init__(self, model: nn.Module, parts: list[tuple[Inputs, list[int]]], names: list[str],
                  fn: Callable[[Any], torch.Tensor], sum_logits: bool, u: torch.Tensor) -> None:
