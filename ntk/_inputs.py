@@ -162,10 +162,25 @@ def to_device(x: Inputs, device: torch.device) -> Inputs:
 
 
 def call_model(model: nn.Module, params: Mapping[str, torch.Tensor], x: Inputs) -> Any:
-    """``model(x)`` or ``model(**x)`` with ``params`` substituted (others read from the model)."""
-    if isinstance(x, torch.Tensor):
-        return functional_call(model, dict(params), (x,))
-    return functional_call(model, dict(params), (), dict(x))
+    """``model(x)`` or ``model(**x)`` with ``params`` substituted (others read from the model).
+
+    The model's own tensors are put back afterwards: ``torch.func.functional_call`` leaves the
+    substitute in place for a module registered at two paths (it saves the second path's
+    "original" after swapping the first, which is the same attribute), so a kernel computed
+    under ``vmap`` would leave a functorch wrapper as the model's parameter."""
+    own = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        if isinstance(x, torch.Tensor):
+            return functional_call(model, dict(params), (x,))
+        return functional_call(model, dict(params), (), dict(x))
+    finally:
+        for module, parameters, buffers in own:
+            for name, tensor in parameters.items():
+                if module._parameters.get(name) is not tensor:
+                    module._parameters[name] = tensor
+            for name, tensor in buffers.items():
+                if module._buffers.get(name) is not tensor:
+                    module._buffers[name] = tensor
 
 
 def _unsqueeze(x: Inputs) -> Inputs:

@@ -152,6 +152,20 @@ def test_kernel_of_z_on_a_module_at_two_paths_equals_the_jacobian_kernel(method)
     assert_close_rel(kernel, reference, 1e-10)
 
 
+@pytest.mark.parametrize("method", ["jacobian", "ntk_vp", "structured"])
+def test_a_kernel_leaves_the_parameters_of_a_module_at_two_paths_in_place(method):
+    """torch.func.functional_call swaps a module at two paths twice and restores it once; the
+    engines put the model's own tensors back (a functorch wrapper was left as z)."""
+    import ntk
+
+    model = get_propulsion_model(_build(SharedLinear), PropulsionConfig(degree=3))
+    before = dict(model.named_parameters())
+    ntk.empirical_ntk(model, _x(5), params="propulsion", method=method)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(after[k] is v and isinstance(v, nn.Parameter) for k, v in before.items())
+
+
 def test_module_at_two_paths_unloads_to_the_base_at_both_paths():
     model = _build(SharedLinear)
     x = _x()
