@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from experiments.dynamics import similarity
+from experiments.processes import release_memory
 from experiments.suite.base import (
     ExperimentConfig,
     Store,
@@ -488,6 +489,8 @@ def main(config: Config, store: Store, *, progress: bool = False) -> None:
         if not have_metrics:
             store.save_table(f"counts/{unit.name}", counts)
             store.save_table(f"metrics/{unit.name}", frame)
+        del frame, arrays, counts
+        release_memory()  # else each unit starts above the last one's peak (SmolLM2: +3-5 GB)
 
 
 # ------------------------------------------------------------------------------- results -------
