@@ -168,7 +168,8 @@ def call_model(model: nn.Module, params: Mapping[str, torch.Tensor], x: Inputs) 
     substitute in place for a module registered at two paths (it saves the second path's
     "original" after swapping the first, which is the same attribute), so a kernel computed
     under ``vmap`` would leave a functorch wrapper as the model's parameter."""
-    own = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    own: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = [
+        (m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     try:
         if isinstance(x, torch.Tensor):
             return functional_call(model, dict(params), (x,))
