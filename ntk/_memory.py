@@ -20,6 +20,7 @@ none fits,
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ __all__ = [
     "pair_counts",
     "plan",
     "profile",
+    "saved_tensor_bytes",
     "structured_tiles",
     "tile_pairs",
 ]
@@ -126,9 +128,21 @@ def profile(
     Returns:
         ``(outputs (n, C) detached, activation bytes per example, flops per example)``.
     """
-    persistent = {t.untyped_storage().data_ptr() for t in model.parameters()}
-    persistent |= {t.untyped_storage().data_ptr() for t in model.buffers()}
     seen: dict[int, int] = {}
+    theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), saved_tensor_bytes(model, seen):
+        with counter:
+            out = forward(theta)
+    n = max(1, n_examples)
+    return out.detach(), sum(seen.values()) / n, max(1.0, counter.get_total_flops() / n)
+
+
+def saved_tensor_bytes(model: nn.Module, seen: dict[int, int]) -> contextlib.AbstractContextManager:
+    """Within it, every tensor autograd saves for the backward is recorded in ``seen`` (storage
+    address -> its bytes, each storage once), except the model's own parameters and buffers
+    and tensor subclasses without a storage."""
+    persistent = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         try:
@@ -140,13 +154,7 @@ def profile(
             seen[ptr] = storage.nbytes()
         return t
 
-    theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    counter = FlopCounterMode(display=False)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with counter:
-            out = forward(theta)
-    n = max(1, n_examples)
-    return out.detach(), sum(seen.values()) / n, max(1.0, counter.get_total_flops() / n)
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
 def tile_pairs(

@@ -66,7 +66,7 @@ from ntk._handlers import (
     handler_for,
 )
 from ntk._inputs import Inputs, call_model, example_counts, select, take, to_device
-from ntk._memory import block_pairs, default_budget, structured_tiles
+from ntk._memory import block_pairs, default_budget, saved_tensor_bytes, structured_tiles
 from ntk._params import ParamSelector, select_parameters
 from ntk._probe_cache import Probe, probe_key, recall, remember
 from ntk._problem import (
@@ -340,7 +340,8 @@ def capture(
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in need]
     try:
         theta = {k: v.detach() for k, v in model.named_parameters()}
-        with torch.enable_grad(), _saved_bytes(model, saved):
+        measure = contextlib.nullcontext() if saved is None else saved_tensor_bytes(model, saved)
+        with torch.enable_grad(), measure:
             f = output_fn(call_model(model, theta, x))
         with torch.enable_grad():
             changed = list(dict.fromkeys(m for m, t, v in versions if t._version != v))
@@ -373,26 +374,6 @@ def capture(
         for h in handles:
             h.remove()
     return calls, f.detach()
-
-
-def _saved_bytes(model: nn.Module, saved: dict[int, int] | None) -> contextlib.AbstractContextManager:
-    """Record into ``saved`` (storage address -> bytes) every tensor that autograd saves for
-    the backward, except the model's own parameters and buffers; nothing when ``saved`` is None."""
-    if saved is None:
-        return contextlib.nullcontext()
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = t.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # no plain storage (e.g. a wrapper subclass)
-            key, size = id(t), t.numel() * t.element_size()
-        if key not in own:
-            saved[key] = max(saved.get(key, 0), size)
-        return t
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
 def _copy(v: Any) -> Any:

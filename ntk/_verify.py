@@ -179,18 +179,21 @@ def _dots(grads: _Gradients, names: list[str], room: float | None) -> dict[str, 
     ``n (n + 1) / 2`` with ``b = 1``."""
     n = len(grads)
     d = torch.zeros(len(names), n, n, dtype=torch.float64)
+
+    def put(i: int, gi: list[torch.Tensor | None], j: int, gj: list[torch.Tensor | None]) -> None:
+        for t, (x, y) in enumerate(zip(gi, gj, strict=True)):
+            d[t, i, j] = d[t, j, i] = _dot(x, y)
+
     b = held(n, grads.bytes_each, room)
     for start in range(0, n, b):
-        block = [grads(i) for i in range(start, min(start + b, n))]
-        for i, gi in enumerate(block):
-            for j, gj in enumerate(block[:i + 1]):
-                for t, (x, y) in enumerate(zip(gi, gj, strict=True)):
-                    d[t, start + i, start + j] = d[t, start + j, start + i] = _dot(x, y)
+        block = {i: grads(i) for i in range(start, min(start + b, n))}
+        for i, gi in block.items():
+            for j in range(start, i + 1):
+                put(i, gi, j, block[j])
         for j in range(start + b, n):
             gj = grads(j)
-            for i, gi in enumerate(block):
-                for t, (x, y) in enumerate(zip(gi, gj, strict=True)):
-                    d[t, start + i, j] = d[t, j, start + i] = _dot(x, y)
+            for i, gi in block.items():
+                put(i, gi, j, gj)
             del gj
         del block
     p, r = grads.points, grads.r
