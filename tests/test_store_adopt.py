@@ -70,7 +70,7 @@ def test_adopt_refuses_damaged_data_and_another_experiment(tmp_path):
 
 def test_e1_units_depend_only_on_their_family_fields():
     base = E.PRESETS["study"]
-    bigger = base.replace(smollm2_examples=256, minilm_variants=())
+    bigger = base.replace(smollm2_examples=128, minilm_variants=())
     for unit in ("metrics/minilm-pretrained-w384-s0", "counts/mlp-random-w128-s3",
                  "kernels/transformer-random-w64-s0"):
         assert base.unit_identity(unit) == bigger.unit_identity(unit), unit

@@ -17,7 +17,7 @@ ORPHANS = ("changing it orphans the stored study results (they are no longer fou
 
 PINNED = {
     ("e1_kernel_similarity", "quick"): "57ee8533b4a37fcab77757f3aa8cd60deb7a783625d79f319010d9e07f664ccf",
-    ("e1_kernel_similarity", "study"): "cce7beebc82657db4ee378520a0734a5639fc091617d38477c7e85fd45ccac53",
+    ("e1_kernel_similarity", "study"): "dcd1956e98d9762a2cfcb436a0df8940298174dc932b907d7776bd4a2a026feb",
     ("e2_premise", "quick"): "65e77c57d9de5eb6f69e5110814001cc81d4e47582120938d733cdd75a444be7",
     ("e2_premise", "study"): "5e802c1d62a41ef95e9b221fd4c8a91e72d6407696f94d120c35a0c0ebfb8102",
     ("e3_kernel_regime", "quick"): "436fc20298ddf1f5a569905b0f649b5ec39aad4f23037f2df974960e2d87f3e2",

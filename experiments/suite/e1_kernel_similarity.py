@@ -281,10 +281,10 @@ PRESETS: dict[str, Config] = {
                    transformer_layers=1, sweep_examples=8, sweep_seeds=2, top_ks=(2,)),
     "quick": Config(),
     # Sized from unit times measured on the shared 2-core machine (one thread, CPU seconds):
-    # MiniLM N = 256 276 s per unit (10 units), SmolLM2 N = 32 ~ 280 s per unit (5 units; its
-    # full-layout kernel at N = 64 would take ~15 min per unit), sweeps at N = 64 ~ 10 s per unit.
+    # MiniLM N = 256 276 s per unit (10 units), SmolLM2 N = 256 ~ 38 min per unit (5 units, one
+    # process each, ~8 GB resident at memory_gib=3), sweeps at N = 64 ~ 10 s per unit.
     "study": Config(n_examples=256, subsample_sizes=(32, 64, 128), n_draws=20, n_seeds=5, k1_examples=16,
-                    smollm2_variants=("pretrained",), smollm2_examples=32, smollm2_seeds=5,
+                    smollm2_variants=("pretrained",), smollm2_examples=256, smollm2_seeds=5,
                     sweep_examples=64, sweep_seeds=5, mlp_widths=(32, 64, 128, 256, 512),
                     transformer_widths=(32, 64, 128, 256)),
     "full": Config(device="auto", n_examples=512, subsample_sizes=(32, 64, 128, 256), max_length=64,
